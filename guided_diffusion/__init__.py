@@ -1,0 +1,1 @@
+"""sag-adm: OpenAI ADM / IDDPM diffusion models with Self-Attention Guidance."""
