@@ -1,16 +1,17 @@
 """Precision helpers: OpenAI's fp16 torso conversion (``--use_fp16``) and mixed-precision training.
 
-``convert_module_to_f16`` is applied by ``UNetModel.convert_to_fp16()`` to the convolutions and
-linear layers of the input blocks, middle block and output blocks only; norms, the time/label
-embeddings and the output head stay in float32, exactly as in OpenAI's released code.
+``convert_module_to_f16`` is applied by ``UNetModel.convert_to_fp16()`` to the convolutions of
+the input blocks, middle block and output blocks only; linear layers (the ResBlocks' embedding
+projections), norms, the time/label embeddings and the output head stay in float32, exactly as
+in OpenAI's released code.
 """
 
 import torch.nn as nn
 
 
 def convert_module_to_f16(module):
-    """Cast the parameters of a conv or linear layer to float16 (other modules are left alone)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+    """Cast the parameters of a convolution to float16 (other modules are left alone)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         module.weight.data = module.weight.data.half()
         if module.bias is not None:
             module.bias.data = module.bias.data.half()
@@ -18,7 +19,7 @@ def convert_module_to_f16(module):
 
 def convert_module_to_f32(module):
     """Undo :func:`convert_module_to_f16`."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         module.weight.data = module.weight.data.float()
         if module.bias is not None:
             module.bias.data = module.bias.data.float()
