@@ -45,6 +45,7 @@ def classifier_defaults():
         classifier_use_scale_shift_norm=True,  # False
         classifier_resblock_updown=True,  # False
         classifier_pool="attention",
+        num_classes=NUM_CLASSES,
     )
 
 
@@ -66,6 +67,7 @@ def model_and_diffusion_defaults():
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        num_classes=NUM_CLASSES,
     )
     res.update(diffusion_defaults())
     return res
@@ -117,11 +119,14 @@ def create_model_and_diffusion(
     resblock_updown,
     use_fp16,
     use_new_attention_order,
+    num_classes=NUM_CLASSES,
     sel_attn_block=None,
     sel_attn_depth=None,
 ):
     """Build the UNet and its (respaced) diffusion.
 
+    ``num_classes`` (our addition; OpenAI's models use 1000) sizes the label embedding of
+    class-conditional models and the range labels are drawn from when sampling.
     ``sel_attn_block`` / ``sel_attn_depth`` (the original SAG fork's extra keywords) choose the
     block that ``guidance_kwargs`` calls probe; they do not change the model.
     """
@@ -142,6 +147,7 @@ def create_model_and_diffusion(
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
+        num_classes=num_classes,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -189,6 +195,7 @@ def create_model(
     resblock_updown=False,
     use_fp16=False,
     use_new_attention_order=False,
+    num_classes=NUM_CLASSES,
 ):
     return UNetModel(
         image_size=image_size,
@@ -199,7 +206,7 @@ def create_model(
         attention_resolutions=_attention_ds(image_size, attention_resolutions),
         dropout=dropout,
         channel_mult=_channel_mult(channel_mult, image_size),
-        num_classes=(NUM_CLASSES if class_cond else None),
+        num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         num_heads=num_heads,
@@ -228,6 +235,7 @@ def create_classifier_and_diffusion(
     predict_xstart,
     rescale_timesteps,
     rescale_learned_sigmas,
+    num_classes=NUM_CLASSES,
 ):
     classifier = create_classifier(
         image_size,
@@ -238,6 +246,7 @@ def create_classifier_and_diffusion(
         classifier_use_scale_shift_norm,
         classifier_resblock_updown,
         classifier_pool,
+        num_classes=num_classes,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
