@@ -1,0 +1,1 @@
+"""OpenAI-identical IS / FID / sFID / precision / recall in PyTorch (see README.md)."""

@@ -1,0 +1,191 @@
+"""OpenAI-compatible evaluator: IS / FID / sFID / precision / recall, PyTorch, MPI-sharded.
+
+    python evaluations/evaluator.py REF_BATCH SAMPLE_BATCH [SAMPLE_BATCH ...] [options]
+    mpiexec -n 4 python evaluations/evaluator.py REF.npz s1.npz s2.npz --report sweep.json
+
+For every sample file it prints the original's five lines (``Inception Score:``, ``FID:``,
+``sFID:``, ``Precision:``, ``Recall:``), then a summary table. See evaluations/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evaluations import cache, metrics
+from evaluations.dist import Comm
+from evaluations.errors import EvalError
+from evaluations.features import available_extractors, build_extractor
+from evaluations.inception import PREPROCESSINGS, WEIGHTS_ENV
+from evaluations.npz_io import NpzImages, read_stored_statistics
+from evaluations.report import format_table, write_report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ref_batch")
+    p.add_argument("sample_batch", nargs="+")
+    p.add_argument("--features", default="inception", choices=available_extractors())
+    p.add_argument("--inception_path", default=None,
+                   help=f"pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV}, "
+                        "else ~/.cache/sag-adm/pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--preprocess", default="tf", choices=PREPROCESSINGS,
+                   help="tf = OpenAI's graph (legacy resize, (x-128)/128); pytorch-fid = its defaults")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda (cuda:<rank %% gpus>) if available, else cpu")
+    p.add_argument("--cache_dir", default=str(cache.DEFAULT_CACHE_DIR))
+    p.add_argument("--no_cache", action="store_true", help="neither read nor write the ref cache")
+    p.add_argument("--report", default=None, help="write all results to out.json or out.csv")
+    p.add_argument("--pr_fp32", action="store_true",
+                   help="precision/recall distances in float32 (the original uses float16)")
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _device(arg, comm):
+    if arg:
+        return arg
+    if torch.cuda.is_available():
+        return f"cuda:{comm.rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def extract(images: NpzImages, extractor, comm, batch_size, desc, keys, progress=True):
+    """Features of this rank's contiguous slice; rank 0 returns all of them, in order."""
+    start, stop = comm.shard(len(images))
+    out = {k: [] for k in keys}
+    bar = tqdm(total=stop - start, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
+               disable=comm.rank != 0 or not progress)
+    for batch in images.batches(batch_size, start, stop):
+        feats = extractor(batch)
+        for k in keys:
+            out[k].append(feats[k].float().cpu().numpy())
+        bar.update(len(batch))
+    bar.close()
+    local = {k: np.concatenate(v, 0) for k, v in out.items()} if stop > start else {}
+    return comm.gather_concat(local)
+
+
+def statistics(path, feats, device):
+    """The original's read_statistics: stored mu/sigma/mu_s/sigma_s win over activations."""
+    stored = read_stored_statistics(path)
+    if stored is not None:
+        return stored
+    return (metrics.compute_statistics(feats["pool"], device),
+            metrics.compute_statistics(feats["spatial"], device))
+
+
+def reference(args, ref: NpzImages, extractor, comm, device, say):
+    """Ref pool features + stats, from the cache when possible (rank 0 only gets them)."""
+    say("computing reference batch activations...")
+    path, hit = None, None
+    if comm.rank == 0 and not args.no_cache:
+        path = cache.cache_path(args.cache_dir, ref.path, extractor.cache_key())
+        hit = cache.load(path)
+    if comm.bcast(hit is not None):
+        feats = hit  # None on ranks > 0
+    else:
+        feats = extract(ref, extractor, comm, args.batch_size, "reference", ("pool", "spatial"),
+                        not args.no_progress)
+    say("computing/reading reference batch statistics...")
+    if comm.rank != 0:
+        return None
+    if hit:
+        stats = (hit["mu"], hit["sigma"]), (hit["mu_s"], hit["sigma_s"])
+    else:
+        stats = statistics(ref.path, feats, device)
+        if path is not None:
+            (mu, sigma), (mu_s, sigma_s) = stats
+            cache.save(path, dict(pool=feats["pool"], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s))
+    return feats["pool"], stats
+
+
+def evaluate(args, comm):
+    say = (lambda m: print(m, flush=True)) if comm.rank == 0 else (lambda m: None)
+    if args.batch_size < 1:
+        raise EvalError("--batch_size must be >= 1")
+    if args.report and Path(args.report).suffix not in (".json", ".csv"):
+        raise EvalError(f"--report must end in .json or .csv, got {args.report}")
+    ref = NpzImages(args.ref_batch)
+    samples = [NpzImages(s) for s in args.sample_batch]
+    for s in samples:
+        if s.shape[1:3] != ref.shape[1:3]:
+            raise EvalError(f"image size mismatch: {s.path} has {s.shape[1]}x{s.shape[2]}, "
+                            f"reference {ref.path} has {ref.shape[1]}x{ref.shape[2]}")
+    device = args.device = _device(args.device, comm)
+    extractor = build_extractor(args.features, args)
+    fp16 = not args.pr_fp32
+
+    ref_out = reference(args, ref, extractor, comm, device, say)
+    ref_radii = None
+    rows = []
+    for s in samples:
+        if len(samples) > 1:
+            say(f"sample batch: {s.path}")
+        say("computing sample batch activations...")
+        feats = extract(s, extractor, comm, args.batch_size, "sample", ("pool", "spatial", "logits"),
+                        not args.no_progress)
+        say("computing/reading sample batch statistics...")
+        if comm.rank != 0:
+            continue
+        (mu, sigma), (mu_s, sigma_s) = statistics(s.path, feats, device)
+        ref_pool, ((rmu, rsigma), (rmu_s, rsigma_s)) = ref_out
+        say("Computing evaluations...")
+        if ref_radii is None:
+            ref_radii = metrics.manifold_radii(ref_pool, fp16=fp16, device=device)
+        sample_radii = metrics.manifold_radii(feats["pool"], fp16=fp16, device=device)
+        prec, rec = metrics.precision_recall_from_radii(ref_pool, ref_radii, feats["pool"],
+                                                        sample_radii, fp16=fp16, device=device)
+        row = {
+            "sample": str(s.path),
+            "num_samples": len(s),
+            "inception_score": metrics.inception_score(feats["logits"], device=device),
+            "fid": metrics.frechet_distance(mu, sigma, rmu, rsigma, device=device),
+            "sfid": metrics.frechet_distance(mu_s, sigma_s, rmu_s, rsigma_s, device=device),
+            "precision": prec,
+            "recall": rec,
+        }
+        for key, label in (("inception_score", "Inception Score:"), ("fid", "FID:"),
+                           ("sfid", "sFID:"), ("precision", "Precision:"), ("recall", "Recall:")):
+            print(label, row[key], flush=True)
+        rows.append(row)
+    if comm.rank == 0:
+        print()
+        print(format_table(rows), flush=True)
+        if args.report:
+            meta = {"ref": str(ref.path), "features": args.features, "preprocess": args.preprocess,
+                    "pr_distance": "fp32" if args.pr_fp32 else "fp16"}
+            write_report(args.report, rows, meta)
+            print(f"report written to {args.report}", file=sys.stderr)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False  # keep float32 matmuls exact on GPU
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        comm = Comm()
+    except ImportError as e:
+        print(f"error: launched under MPI but mpi4py is unavailable ({e})", file=sys.stderr)
+        return 2
+    try:
+        evaluate(args, comm)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if comm.size > 1:
+            sys.stderr.flush()
+            comm._c.Abort(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
