@@ -22,6 +22,7 @@ from tqdm import tqdm
 from evaluations import cache, metrics
 from evaluations.dist import Comm
 from evaluations.errors import EvalError
+from evaluations.classifier_features import label_accuracy
 from evaluations.features import available_extractors, build_extractor
 from evaluations.inception import PREPROCESSINGS, WEIGHTS_ENV
 from evaluations.npz_io import NpzImages, read_stored_statistics
@@ -46,6 +47,14 @@ def parse_args(argv=None):
     p.add_argument("--pr_fp32", action="store_true",
                    help="precision/recall distances in float32 (the original uses float16)")
     p.add_argument("--no_progress", action="store_true")
+    group = p.add_argument_group(
+        "classifier features (--features classifier)",
+        "a noisy classifier at t=0 as the feature network: its penultimate features for "
+        "FID/precision/recall plus the accuracy of the generated labels (arr_1); not comparable "
+        "to Inception numbers")
+    group.add_argument("--classifier_path", default="")
+    from guided_diffusion.script_util import add_dict_to_argparser, classifier_defaults
+    add_dict_to_argparser(group, classifier_defaults())
     return p.parse_args(argv)
 
 
@@ -121,6 +130,8 @@ def evaluate(args, comm):
                             f"reference {ref.path} has {ref.shape[1]}x{ref.shape[2]}")
     device = args.device = _device(args.device, comm)
     extractor = build_extractor(args.features, args)
+    if args.features != "inception":
+        say(f"note: {args.features} features - these numbers are not comparable to Inception FID")
     fp16 = not args.pr_fp32
 
     ref_out = reference(args, ref, extractor, comm, device, say)
@@ -155,6 +166,10 @@ def evaluate(args, comm):
         for key, label in (("inception_score", "Inception Score:"), ("fid", "FID:"),
                            ("sfid", "sFID:"), ("precision", "Precision:"), ("recall", "Recall:")):
             print(label, row[key], flush=True)
+        labels = s.labels()
+        if args.features == "classifier" and labels is not None:
+            row["accuracy"] = label_accuracy(feats["logits"], labels)
+            print("Classifier accuracy:", row["accuracy"], flush=True)
         rows.append(row)
     if comm.rank == 0:
         print()

@@ -85,7 +85,8 @@ def build_extractor(name: str, args) -> FeatureExtractor:
 
 
 def _load_plugins():
-    """Import optional extractor modules here (e.g. a future ``classifier_features``)."""
+    """Import the optional extractor modules (they register themselves)."""
+    from . import classifier_features  # noqa: F401
 
 
 register_extractor(

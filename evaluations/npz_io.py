@@ -81,6 +81,14 @@ class NpzImages:
             raise EvalError(f"{self.path}: truncated {self.key} (file corrupt?)")
         return np.frombuffer(buf, dtype=self.dtype).reshape((count,) + self.shape[1:])
 
+    def labels(self):
+        """The class labels ``arr_1`` stored beside the images, or None."""
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                return np.asarray(z["arr_1"]) if "arr_1" in z.files else None
+        except Exception as e:
+            raise EvalError(f"{self.path}: cannot read labels ({type(e).__name__}: {e})") from None
+
     def batches(self, batch_size: int = 64, start: int = 0, stop: int | None = None):
         stop = len(self) if stop is None else stop
         for i in range(start, stop, batch_size):

@@ -18,11 +18,13 @@ COLUMNS = (
 
 def format_table(rows: list) -> str:
     names = [str(r["sample"]) for r in rows]
+    columns = COLUMNS + ((("accuracy", "Accuracy"),) if any("accuracy" in r for r in rows) else ())
     w = max([len("sample")] + [len(n) for n in names])
-    head = "sample".ljust(w) + "".join(f"  {label:>12}" for _, label in COLUMNS)
+    head = "sample".ljust(w) + "".join(f"  {label:>12}" for _, label in columns)
     lines = [head, "-" * len(head)]
     for name, r in zip(names, rows):
-        lines.append(name.ljust(w) + "".join(f"  {r[k]:12.6g}" for k, _ in COLUMNS))
+        cells = (f"  {r[k]:12.6g}" if k in r else f"  {'-':>12}" for k, _ in columns)
+        lines.append(name.ljust(w) + "".join(cells))
     return "\n".join(lines)
 
 
