@@ -68,9 +68,24 @@ class LossType(enum.Enum):
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 
+_DEVICE_TABLES = {}
+
+
+def _device_table(arr, device):
+    """``arr`` as a tensor on ``device``; accelerator copies are cached (no blocking copy per step)."""
+    if device.type == "cpu":
+        return th.from_numpy(arr)
+    key = (arr.tobytes(), arr.dtype.str, arr.shape, str(device))
+    if key not in _DEVICE_TABLES:
+        if len(_DEVICE_TABLES) > 256:
+            _DEVICE_TABLES.clear()
+        _DEVICE_TABLES[key] = th.from_numpy(arr).to(device)
+    return _DEVICE_TABLES[key]
+
+
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
     """Pick ``arr[timesteps]`` (float64 numpy) as float32 and broadcast it to ``broadcast_shape``."""
-    res = th.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    res = _device_table(arr, timesteps.device)[timesteps].float()
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)
@@ -384,7 +399,9 @@ class GaussianDiffusion:
             indices = tqdm(indices)
         with _resolved_guidance(self, model, guidance, guidance_kwargs) as guidance:
             for i in indices:
-                t = th.tensor([i] * shape[0], device=device)
+                t = th.full((shape[0],), i, device=device, dtype=th.long)
+                if guidance is not None:
+                    guidance.step_hint = (t, i)  # the on/off decision needs no device sync
                 with th.no_grad():
                     out = step(model, img, t, guidance=guidance, **step_kwargs)
                 yield out

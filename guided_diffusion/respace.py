@@ -59,12 +59,14 @@ class SpacedDiffusion(GaussianDiffusion):
                 last_alpha_cumprod = alpha_cumprod
                 self.timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas)
+        self._map_tensors = {}
         super().__init__(**kwargs)
 
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)
+        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps,
+                             self._map_tensors)
 
     def _scale_timesteps(self, t):
         # Scaling is done by the wrapped model.
@@ -74,14 +76,18 @@ class SpacedDiffusion(GaussianDiffusion):
 class _WrappedModel:
     """Calls ``model`` with the original timestep of each respaced index."""
 
-    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps, map_tensors=None):
+        self.map_tensors = {} if map_tensors is None else map_tensors
         self.model = model
         self.timestep_map = timestep_map
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps
 
     def __call__(self, x, ts, **kwargs):
-        map_tensor = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        key = (str(ts.device), ts.dtype)
+        if key not in self.map_tensors:  # cached: no host-to-device copy per model call
+            self.map_tensors[key] = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        map_tensor = self.map_tensors[key]
         new_ts = map_tensor[ts]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)

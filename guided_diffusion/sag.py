@@ -247,12 +247,18 @@ class SelfAttentionGuidance:
             self.num_heads, self.layout = model.num_heads, "legacy"
         else:
             self.num_heads = block.num_heads
-            self.layout = "new" if isinstance(block.attention, QKVAttention) else "legacy"
+            self.layout = getattr(block.attention, "layout", None) or (
+                "new" if isinstance(block.attention, QKVAttention) else "legacy")
         self.probe = AttentionProbe(block)
+        self.step_hint = None  # (t tensor, host-side step) set by the sampling loop
 
     def is_active(self, t):
         """Whether step ``t`` (respaced indices; the first element decides) is guided."""
-        return self.guide_scale != 1.0 and self.guide_start > int(t[0])
+        if self.guide_scale == 1.0:
+            return False
+        hint = self.step_hint
+        step = hint[1] if hint is not None and hint[0] is t else int(t[0])
+        return self.guide_start > step
 
     def guide(self, diffusion, model, x, t, first, model_kwargs, clip_denoised, denoised_fn):
         """Turn the first pass's outputs into guided ones (see ``p_mean_variance``)."""

@@ -1,0 +1,248 @@
+"""The opt-in fast sampling path: SDPA attention, autocast, TF32, channels_last, torch.compile.
+
+Nothing here changes the exact path: with :func:`fast_path_defaults` every option is off and
+:func:`prepare_model` leaves the model untouched. A driver adds the flags and calls::
+
+    add_dict_to_argparser(parser, fast_path_defaults())
+    model = prepare_model(model, **fast_path_flags(args))          # after load / use_fp16 / eval
+    SAG = sag_class(**fast_path_flags(args))                      # SelfAttentionGuidance or fast
+    guidance = SAG(model, guide_scale=..., ...)                    # same arguments as before
+
+Precision: ``--use_fp16 True`` (OpenAI's fp16 torso) is untouched; ``--dtype bf16|fp16`` runs
+the UNet under autocast and hands the sampler a float32 output, so the diffusion arithmetic,
+the SAG mask, blur and degradation stay float32.
+"""
+
+import contextlib
+import functools
+
+import torch as th
+
+from .fast_attention import attention_colsum_chunked, op_layout, use_sdpa_attention
+from .sag import SelfAttentionGuidance, draw_blur_sigma, gaussian_kernel1d, sag_mask
+from .sag import BLUR_KERNEL_SIZE
+
+DTYPES = {"fp32": None, "bf16": th.bfloat16, "fp16": th.float16}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+
+
+def fast_path_defaults():
+    """The fast-path flags; these defaults keep the exact (reference) path."""
+    return dict(
+        fast_attention=False,  # SDPA attention ops + chunked SAG colsum + sync-free SAG step
+        dtype="fp32",  # fp32 | bf16 | fp16: autocast of the UNet (not --use_fp16's torso cast)
+        allow_tf32=False,  # TF32 matmuls / convolutions on Ampere+ GPUs
+        channels_last=False,  # NHWC convolutions
+        compile=False,  # torch.compile the UNet forward
+        compile_mode="default",  # see COMPILE_MODES
+        cuda_graphs=False,  # CUDA graphs for the fixed-shape UNet call (implies compile)
+    )
+
+
+def fast_path_flags(args):
+    """The fast-path entries of an argparse namespace (or dict) as keyword arguments."""
+    get = args.get if isinstance(args, dict) else functools.partial(getattr, args)
+    return {key: get(key, default) for key, default in fast_path_defaults().items()}
+
+
+def set_tf32(enabled):
+    """Allow (or forbid) TF32 for float32 matmuls and cuDNN convolutions."""
+    matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:  # older torch
+        matmul.allow_tf32 = th.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def prepare_model(model, fast_attention=False, dtype="fp32", allow_tf32=False, channels_last=False,
+                  compile=False, compile_mode="default", cuda_graphs=False):
+    """Apply the fast-path options to ``model`` in place and return it (state_dict unchanged).
+
+    Call after loading weights (and ``convert_to_fp16`` / ``eval``), before any SAG probe is
+    attached. With the defaults this is a no-op.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    if allow_tf32:
+        set_tf32(True)
+    if fast_attention:
+        use_sdpa_attention(model)
+    if channels_last:
+        model.to(memory_format=th.channels_last)
+    if DTYPES[dtype] is None and not channels_last and not compile and not cuda_graphs:
+        return model
+    if getattr(model, "_fast_path_forward", None) is not None:
+        raise RuntimeError("prepare_model was already applied to this model")
+    forward = _fast_forward(type(model).forward.__get__(model), DTYPES[dtype], channels_last)
+    call = forward
+    if compile or cuda_graphs:
+        # The SAG probe attaches its hook after compilation: make dynamo guard on hooks.
+        th._dynamo.config.skip_nnmodule_hook_guards = False
+        mode = "reduce-overhead" if cuda_graphs else compile_mode
+        call = th.compile(forward, mode=mode, dynamic=False)
+        if cuda_graphs:
+            call = _CudaGraphCall(call)
+    model._fast_path_forward = forward
+    model.forward = call  # instance attribute: parameters, buffers and hooks are unaffected
+    return model
+
+
+def _fast_forward(forward, dtype, channels_last):
+    """The UNet forward under autocast (float32 result) with optional NHWC input."""
+
+    def fast_forward(x, timesteps, *args, **kwargs):
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=th.channels_last)
+        if dtype is None:
+            return forward(x, timesteps, *args, **kwargs)
+        with th.autocast(device_type=x.device.type, dtype=dtype):
+            out = forward(x, timesteps, *args, **kwargs)
+        return out.float()
+
+    return fast_forward
+
+
+class _CudaGraphCall:
+    """CUDA-graph ("reduce-overhead") UNet call that is safe for SAG's two passes per step.
+
+    Every call starts a new cudagraph-tree step and copies the output out of the graph pool, so
+    the first pass's eps survives the second pass. The probed qkv is consumed (mask computed)
+    before the second pass, as :class:`FastSelfAttentionGuidance` does. Untested without a GPU.
+    """
+
+    def __init__(self, call):
+        self.call = call
+
+    def __call__(self, *args, **kwargs):
+        th.compiler.cudagraph_mark_step_begin()
+        return self.call(*args, **kwargs).clone()
+
+
+# ---------------------------------------------------------------------------------- SAG
+
+
+class FastSelfAttentionGuidance(SelfAttentionGuidance):
+    """SelfAttentionGuidance for the fast path; same arguments, same step semantics.
+
+    Differences from the exact class: the chunked float32 colsum (equal within ~1e-6, so masks
+    differ only at keys whose column sum is within rounding of 1), the blur kernel cached on the
+    device (bit-identical blur, no host-to-device copy per step), mask and blur computed with
+    autocast off, no device sync in :meth:`is_active` when the loop sets :attr:`step_hint`, and
+    optional overlap of the classifier gradient with the second UNet pass (``overlap``).
+    """
+
+    def __init__(self, model, *args, colsum_max_elements=1 << 24, overlap=None, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        if self.sag_heads == "model":  # the block may hold an SDPAAttention op
+            self.layout = op_layout(self.probe.block.attention)
+        self.colsum_max_elements = colsum_max_elements
+        self.overlap = overlap
+        self.step_hint = None  # (t tensor, host int) set by a sync-free sampling loop
+        self._kernels = {}
+
+    def is_active(self, t):
+        """As the exact class; uses the host-side step of :attr:`step_hint` when it is for ``t``."""
+        if self.guide_scale == 1.0:
+            return False
+        hint = self.step_hint
+        step = hint[1] if hint is not None and hint[0] is t else int(t[0])
+        return self.guide_start > step
+
+    def blur(self, x, sigma):
+        """``sag.gaussian_blur`` with the 2-D kernel built once per (sigma, device, dtype)."""
+        key = (sigma, x.device, x.dtype)
+        if key not in self._kernels:
+            k1 = gaussian_kernel1d(sigma, BLUR_KERNEL_SIZE)
+            self._kernels[key] = th.mm(k1[:, None], k1[None, :]).to(device=x.device, dtype=x.dtype)
+        pad = BLUR_KERNEL_SIZE // 2
+        if min(x.shape[-2:]) <= pad:
+            raise ValueError(f"the SAG blur needs images larger than {pad} pixels per side")
+        channels = x.shape[1]
+        kernel = self._kernels[key].expand(channels, 1, BLUR_KERNEL_SIZE, BLUR_KERNEL_SIZE)
+        padded = th.nn.functional.pad(x, [pad, pad, pad, pad], mode="reflect")
+        return th.nn.functional.conv2d(padded, kernel, groups=channels)
+
+    def guide(self, diffusion, model, x, t, first, model_kwargs, clip_denoised, denoised_fn):
+        """As ``SelfAttentionGuidance.guide`` (same RNG use, same outputs)."""
+        qkv = self.probe.take()
+        channels = x.shape[1]
+        output1 = first["model_output"]
+        eps1, rest = output1[:, :channels], output1[:, channels:]
+        with _no_autocast(x.device.type):
+            colsum = attention_colsum_chunked(qkv, self.num_heads, self.layout, self.colsum_max_elements)
+            mask = sag_mask(colsum, x.shape)
+            blurred = self.blur(first["pred_xstart"], draw_blur_sigma(self.blur_sigma))
+            x0 = first["pred_xstart"]
+            x_bar = diffusion.q_sample(blurred * mask + x0 * (1 - mask), t, noise=eps1)
+        if self.overlap is not None:
+            self.overlap.prefetch(diffusion, x, t, model_kwargs)
+        with self.probe.paused():
+            eps2 = diffusion.run_model(model, x_bar, t, model_kwargs)[:, :channels]
+        guided_eps = eps2 + self.guide_scale * (eps1 - eps2)
+        out = diffusion.outputs_from_model_output(
+            th.cat([guided_eps, rest], dim=1), x, t, clip_denoised, denoised_fn
+        )
+        out["unguided_pred_xstart"] = first["pred_xstart"]
+        if self.keep_intermediates:
+            out["sag"] = {"mask": mask, "blurred": blurred, "x_bar": x_bar, "eps": eps1,
+                          "degraded_eps": eps2, "guided_eps": guided_eps}
+        return out
+
+
+def sag_class(fast_attention=False, **_flags):
+    """The guidance class for these fast-path flags (the exact one unless ``fast_attention``)."""
+    return FastSelfAttentionGuidance if fast_attention else SelfAttentionGuidance
+
+
+def _no_autocast(device_type):
+    if th.is_autocast_enabled(device_type):
+        return th.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------- classifier overlap
+
+
+class ClassifierGradientOverlap:
+    """A ``cond_fn`` whose gradient at x_t is computed while SAG's second UNet pass runs.
+
+    Pass it as the sampler's ``cond_fn`` and as ``FastSelfAttentionGuidance(overlap=...)``. On a
+    guided step the guidance calls :meth:`prefetch` just before the second pass: on CUDA the
+    classifier gradient is launched on a side stream, concurrently with that pass; the sampler's
+    later call for the same ``x`` waits for it and returns it. The gradient is the same
+    computation as calling ``cond_fn`` directly (it depends only on x_t, t and y). On other
+    devices, or on unguided steps, it simply calls ``cond_fn``.
+    """
+
+    def __init__(self, cond_fn):
+        self.cond_fn = cond_fn
+        self._pending = None  # (x, gradient, stream)
+        self._stream = None
+
+    def prefetch(self, diffusion, x, t, model_kwargs):
+        """Start ``cond_fn`` at (x, t) as the sampler will call it (timesteps mapped)."""
+        stream = None
+        if x.is_cuda:
+            if self._stream is None or self._stream.device != x.device:
+                self._stream = th.cuda.Stream(device=x.device)
+            stream = self._stream
+            stream.wait_stream(th.cuda.current_stream(x.device))
+            x.record_stream(stream)
+        with th.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            grad = diffusion._wrap_model(self.cond_fn)(
+                x, diffusion._scale_timesteps(t), **(model_kwargs or {}))
+        self._pending = (x, grad, stream)
+
+    def __call__(self, x, t, **kwargs):
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is x:
+            _, grad, stream = pending
+            if stream is not None:
+                current = th.cuda.current_stream(x.device)
+                current.wait_stream(stream)
+                grad.record_stream(current)
+            return grad
+        return self.cond_fn(x, t, **kwargs)
