@@ -114,6 +114,11 @@ class GaussianDiffusion:
         assert len(betas.shape) == 1, "betas must be 1-D"
         assert (betas > 0).all() and (betas <= 1).all()
         self.num_timesteps = int(betas.shape[0])
+        if self.num_timesteps < 2:
+            raise ValueError(
+                "a diffusion needs at least 2 steps (the clipped posterior log-variance uses "
+                "step 1); use e.g. --timestep_respacing 2"
+            )
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)

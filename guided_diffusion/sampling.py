@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import dist_util
 from .checkpoint_util import CheckpointError, load_checkpoint
+from .fast_path import fast_path_defaults, fast_path_flags, prepare_model, sag_class
 from .image_io import make_grid, to_uint8_nhwc, write_npz_stream, write_png
 
 # Arguments that change nothing in the samples; a resumed run may use other values.
@@ -73,6 +74,9 @@ def create_argparser(kind):
         f"of the original {script}; the output is a resumable, MPI-sharded run directory.",
     )
     su.add_dict_to_argparser(parser, defaults)
+    speed = parser.add_argument_group(
+        "speed (GPU fast path; defaults keep the exact float32 path, see docs/benchmarks.md)")
+    su.add_dict_to_argparser(speed, fast_path_defaults())
     _set_help(parser, "--classifier_guidance",
               "ignored by image_sample.py (accepted for compatibility with the original)"
               if kind == "image" else "apply classifier guidance with --classifier_scale")
@@ -240,20 +244,23 @@ def _load_network(build, path, what, use_fp16):
 def build_sampler(args, kind):
     """Everything a batch needs: ``(diffusion, model_fn, cond_fn, guidance)``."""
     from . import script_util as su
-    from .sag import SelfAttentionGuidance
 
     model_keys = su.model_and_diffusion_defaults().keys()
     model_box = {}
 
     def build_model():
-        model_box["model"], model_box["diffusion"] = su.create_model_and_diffusion(
-            **_factory_args(args, model_keys))
+        try:
+            model_box["model"], model_box["diffusion"] = su.create_model_and_diffusion(
+                **_factory_args(args, model_keys))
+        except (ValueError, AssertionError) as exc:  # e.g. --timestep_respacing, --image_size
+            raise UsageError(f"invalid model/diffusion flags: {exc}")
         return model_box["model"]
 
     model = _load_network(build_model, args.model_path, "model", args.use_fp16)
+    model = prepare_model(model, **fast_path_flags(args))
     diffusion = model_box["diffusion"]
     try:
-        guidance = SelfAttentionGuidance(
+        guidance = sag_class(**fast_path_flags(args))(
             model, guide_scale=args.guide_scale, guide_start=args.guide_start,
             blur_sigma=args.blur_sigma, sel_attn_block=args.sel_attn_block,
             sel_attn_depth=args.sel_attn_depth, sag_heads=args.sag_heads)
@@ -284,15 +291,13 @@ def build_sampler(args, kind):
 def sample_batch(args, sampler, batch, draws_labels):
     """Sample global batch ``batch``: labels, then initial noise, then the loop, all from
     ``batch_seed(args.seed, batch)``.  Returns uint8 NHWC images and int64 labels (or None)."""
-    from .script_util import NUM_CLASSES
-
     diffusion, model_fn, cond_fn, guidance = sampler
     device = dist_util.dev()
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     th.manual_seed(batch_seed(args.seed, batch))
     model_kwargs, labels = {}, None
     if draws_labels:
-        classes = th.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+        classes = th.randint(0, args.num_classes, (args.batch_size,), device=device)
         model_kwargs["y"] = classes
         labels = classes.cpu().numpy().astype(np.int64)
     noise = th.randn(*shape, device=device)
