@@ -11,6 +11,7 @@ setup(
     install_requires=["torch>=2.0", "numpy", "scipy", "tqdm", "blobfile", "mpi4py", "pyyaml"],
     extras_require={
         "mpi": ["mpich"],  # an MPI runtime (mpiexec) inside the virtual environment
-        "test": ["pytest", "mpich"],
+        "images": ["pillow"],  # image-folder datasets for training
+        "test": ["pytest", "mpich", "pillow"],
     },
 )

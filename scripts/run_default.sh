@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The main job on the bundled default (models/digits32_*.pt), from a fresh clone:
+#   1. set up .venv if needed;
+#   2. sample the same seeds four ways under `mpiexec -n 2` with the real sampling script and
+#      the digits preset: no guidance, SAG, classifier guidance (CG), SAG + CG;
+#   3. evaluate all four against the digits data set in one evaluator run, with the noisy
+#      classifier at t=0 as feature network (FID / precision / recall in that space, and the
+#      accuracy of the generated labels; NOT comparable to Inception FID);
+#   4. draw pictures of what SAG does (runs/default/pictures/).
+# Environment: OUT (default runs/default), NUM_SAMPLES (default 200 per run), NPROC (default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+PY=.venv/bin/python
+OUT=${OUT:-runs/default}
+export NPROC=${NPROC:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MPIEXEC=${MPIEXEC:-$PWD/.venv/bin/mpiexec}
+NUM_SAMPLES=${NUM_SAMPLES:-200}
+source configs/digits.sh  # exports MODEL_FLAGS SAG_FLAGS CLASSIFIER_FLAGS SAMPLE_FLAGS MODEL_PATH
+mkdir -p "$OUT"
+
+runs=(none sag cg sag_cg)
+declare -A extra=(
+  [none]="--guide_scale 1.0 --classifier_guidance False"
+  [sag]="--classifier_guidance False"
+  [cg]="--guide_scale 1.0 --classifier_guidance True"
+  [sag_cg]="--classifier_guidance True"
+)
+samples=()
+for run in "${runs[@]}"; do
+  echo "=== sampling: $run (mpiexec -n $NPROC)"
+  # shellcheck disable=SC2086
+  bash configs/digits.sh --num_samples "$NUM_SAMPLES" --seed 0 --save_grid 64 --progress False \
+      --output_dir "$OUT/$run" ${extra[$run]}
+  samples+=("$(ls "$OUT/$run"/samples_*.npz)")
+done
+
+echo "=== evaluating (classifier features; not comparable to Inception FID)"
+# The classifier's architecture flags (not --classifier_scale) for the feature network.
+eval_flags=$(echo "$CLASSIFIER_FLAGS" | sed -E 's/--classifier_scale [^ ]+//')
+# shellcheck disable=SC2086
+"$PY" evaluations/evaluator.py datasets/digits32.npz "${samples[@]}" --features classifier \
+    $eval_flags $(echo "$MODEL_FLAGS" | grep -oE -- '--(image_size|num_classes) [^ ]+' | tr '\n' ' ') \
+    --batch_size 100 --no_progress --report "$OUT/report.json" > "$OUT/evaluation.txt"
+cat "$OUT/evaluation.txt"
+
+echo "=== pictures"
+# shellcheck disable=SC2086
+"$PY" scripts/visualize_sag.py $SAG_FLAGS $MODEL_FLAGS $CLASSIFIER_FLAGS --model_path "$MODEL_PATH" \
+    $SAMPLE_FLAGS --num_images 10 --seed 1 --out_dir "$OUT/pictures"
+echo "done: samples in $OUT/{none,sag,cg,sag_cg}, evaluation in $OUT/evaluation.txt, pictures in $OUT/pictures"
