@@ -19,8 +19,7 @@ import functools
 import torch as th
 
 from .fast_attention import attention_colsum_chunked, op_layout, use_sdpa_attention
-from .sag import SelfAttentionGuidance, draw_blur_sigma, gaussian_kernel1d, sag_mask
-from .sag import BLUR_KERNEL_SIZE
+from .sag import BLUR_KERNEL_SIZE, SelfAttentionGuidance, blur_kernel2d, blur_with_kernel
 
 DTYPES = {"fp32": None, "bf16": th.bfloat16, "fp16": th.float16}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
@@ -140,56 +139,24 @@ class FastSelfAttentionGuidance(SelfAttentionGuidance):
             self.layout = op_layout(self.probe.block.attention)
         self.colsum_max_elements = colsum_max_elements
         self.overlap = overlap
-        self.step_hint = None  # (t tensor, host int) set by a sync-free sampling loop
         self._kernels = {}
 
-    def is_active(self, t):
-        """As the exact class; uses the host-side step of :attr:`step_hint` when it is for ``t``."""
-        if self.guide_scale == 1.0:
-            return False
-        hint = self.step_hint
-        step = hint[1] if hint is not None and hint[0] is t else int(t[0])
-        return self.guide_start > step
+    def colsum(self, qkv):
+        return attention_colsum_chunked(qkv, self.num_heads, self.layout, self.colsum_max_elements)
 
     def blur(self, x, sigma):
         """``sag.gaussian_blur`` with the 2-D kernel built once per (sigma, device, dtype)."""
         key = (sigma, x.device, x.dtype)
         if key not in self._kernels:
-            k1 = gaussian_kernel1d(sigma, BLUR_KERNEL_SIZE)
-            self._kernels[key] = th.mm(k1[:, None], k1[None, :]).to(device=x.device, dtype=x.dtype)
-        pad = BLUR_KERNEL_SIZE // 2
-        if min(x.shape[-2:]) <= pad:
-            raise ValueError(f"the SAG blur needs images larger than {pad} pixels per side")
-        channels = x.shape[1]
-        kernel = self._kernels[key].expand(channels, 1, BLUR_KERNEL_SIZE, BLUR_KERNEL_SIZE)
-        padded = th.nn.functional.pad(x, [pad, pad, pad, pad], mode="reflect")
-        return th.nn.functional.conv2d(padded, kernel, groups=channels)
+            self._kernels[key] = blur_kernel2d(sigma, x.device, x.dtype, BLUR_KERNEL_SIZE)
+        return blur_with_kernel(x, self._kernels[key])
 
-    def guide(self, diffusion, model, x, t, first, model_kwargs, clip_denoised, denoised_fn):
-        """As ``SelfAttentionGuidance.guide`` (same RNG use, same outputs)."""
-        qkv = self.probe.take()
-        channels = x.shape[1]
-        output1 = first["model_output"]
-        eps1, rest = output1[:, :channels], output1[:, channels:]
-        with _no_autocast(x.device.type):
-            colsum = attention_colsum_chunked(qkv, self.num_heads, self.layout, self.colsum_max_elements)
-            mask = sag_mask(colsum, x.shape)
-            blurred = self.blur(first["pred_xstart"], draw_blur_sigma(self.blur_sigma))
-            x0 = first["pred_xstart"]
-            x_bar = diffusion.q_sample(blurred * mask + x0 * (1 - mask), t, noise=eps1)
+    def _mask_and_blur_context(self, x):
+        return _no_autocast(x.device.type)
+
+    def _before_second_pass(self, diffusion, x, t, model_kwargs):
         if self.overlap is not None:
             self.overlap.prefetch(diffusion, x, t, model_kwargs)
-        with self.probe.paused():
-            eps2 = diffusion.run_model(model, x_bar, t, model_kwargs)[:, :channels]
-        guided_eps = eps2 + self.guide_scale * (eps1 - eps2)
-        out = diffusion.outputs_from_model_output(
-            th.cat([guided_eps, rest], dim=1), x, t, clip_denoised, denoised_fn
-        )
-        out["unguided_pred_xstart"] = first["pred_xstart"]
-        if self.keep_intermediates:
-            out["sag"] = {"mask": mask, "blurred": blurred, "x_bar": x_bar, "eps": eps1,
-                          "degraded_eps": eps2, "guided_eps": guided_eps}
-        return out
 
 
 def sag_class(fast_attention=False, **_flags):

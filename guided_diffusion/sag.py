@@ -184,14 +184,24 @@ def gaussian_blur(x, sigma, kernel_size=BLUR_KERNEL_SIZE):
     One 2-D convolution with the outer product of the 1-D kernels (a separable two-pass blur
     differs by float32 rounding).
     """
+    return blur_with_kernel(x, blur_kernel2d(sigma, x.device, x.dtype, kernel_size))
+
+
+def blur_kernel2d(sigma, device, dtype=th.float32, kernel_size=BLUR_KERNEL_SIZE):
+    """The 2-D kernel: outer product (a float32 matmul) of the 1-D kernel with itself."""
+    k1 = gaussian_kernel1d(sigma, kernel_size).to(device)
+    return th.mm(k1[:, None], k1[None, :]).to(dtype)
+
+
+def blur_with_kernel(x, kernel):
+    """Reflect-pad and convolve every channel of ``x`` with the square 2-D ``kernel``."""
+    kernel_size = kernel.shape[-1]
     pad = kernel_size // 2
     if min(x.shape[-2:]) <= pad:
         raise ValueError(
             f"the {kernel_size}x{kernel_size} SAG blur needs images larger than {pad} pixels "
             f"per side (reflect padding), got {tuple(x.shape[-2:])}"
         )
-    k1 = gaussian_kernel1d(sigma, kernel_size).to(x.device)
-    kernel = th.mm(k1[:, None], k1[None, :]).to(x.dtype)
     channels = x.shape[1]
     kernel = kernel.expand(channels, 1, kernel_size, kernel_size)
     padded = F.pad(x, [pad, pad, pad, pad], mode="reflect")
@@ -203,12 +213,12 @@ def draw_blur_sigma(sigma):
     return th.empty(1).uniform_(sigma, sigma).item()
 
 
-def degrade(diffusion, x0, t, eps, mask, blur_sigma):
+def degrade(diffusion, x0, t, eps, mask, blur_sigma, blur=gaussian_blur):
     """x̄_t: blur ``x0`` inside ``mask``, then re-noise it to step ``t`` with ``eps``.
 
     Returns (x_bar, blurred).
     """
-    blurred = gaussian_blur(x0, draw_blur_sigma(blur_sigma))
+    blurred = blur(x0, draw_blur_sigma(blur_sigma))
     blended = blurred * mask + x0 * (1 - mask)
     return diffusion.q_sample(blended, t, noise=eps), blurred
 
@@ -266,8 +276,11 @@ class SelfAttentionGuidance:
         channels = x.shape[1]
         output1 = first["model_output"]
         eps1, rest = output1[:, :channels], output1[:, channels:]
-        mask = sag_mask(attention_colsum(qkv, self.num_heads, self.layout), x.shape)
-        x_bar, blurred = degrade(diffusion, first["pred_xstart"], t, eps1, mask, self.blur_sigma)
+        with self._mask_and_blur_context(x):
+            mask = sag_mask(self.colsum(qkv), x.shape)
+            x_bar, blurred = degrade(diffusion, first["pred_xstart"], t, eps1, mask, self.blur_sigma,
+                                     blur=self.blur)
+        self._before_second_pass(diffusion, x, t, model_kwargs)
         with self.probe.paused():
             eps2 = diffusion.run_model(model, x_bar, t, model_kwargs)[:, :channels]
         guided_eps = eps2 + self.guide_scale * (eps1 - eps2)
@@ -279,6 +292,21 @@ class SelfAttentionGuidance:
             out["sag"] = {"mask": mask, "blurred": blurred, "x_bar": x_bar, "eps": eps1,
                           "degraded_eps": eps2, "guided_eps": guided_eps}
         return out
+
+    # Steps a faster subclass may replace (same numbers up to float32 rounding).
+
+    def colsum(self, qkv):
+        """Per-key attention column sums [B, T] of the captured qkv."""
+        return attention_colsum(qkv, self.num_heads, self.layout)
+
+    def blur(self, x, sigma):
+        return gaussian_blur(x, sigma)
+
+    def _mask_and_blur_context(self, x):
+        return contextlib.nullcontext()
+
+    def _before_second_pass(self, diffusion, x, t, model_kwargs):
+        """Called between the degradation and the second UNet pass."""
 
     def close(self):
         """Detach the probe from the model."""

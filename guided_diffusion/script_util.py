@@ -149,15 +149,9 @@ def create_model_and_diffusion(
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
+    diffusion = _diffusion_from_flags(
+        diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+        rescale_timesteps, rescale_learned_sigmas, timestep_respacing,
     )
     remember_sag_model(diffusion, model, sel_attn_block, sel_attn_depth)
     return model, diffusion
@@ -248,15 +242,9 @@ def create_classifier_and_diffusion(
         classifier_pool,
         num_classes=num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
+    diffusion = _diffusion_from_flags(
+        diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+        rescale_timesteps, rescale_learned_sigmas, timestep_respacing,
     )
     return classifier, diffusion
 
@@ -350,15 +338,9 @@ def sr_create_model_and_diffusion(
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
+    diffusion = _diffusion_from_flags(
+        diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+        rescale_timesteps, rescale_learned_sigmas, timestep_respacing,
     )
     return model, diffusion
 
@@ -406,6 +388,20 @@ def sr_create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
+    )
+
+
+def _diffusion_from_flags(diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+                          rescale_timesteps, rescale_learned_sigmas, timestep_respacing):
+    return create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
     )
 
 

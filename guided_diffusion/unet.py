@@ -324,25 +324,13 @@ class UNetModel(nn.Module):
         self.num_heads_upsample = num_heads_upsample
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim),
-            SiLU(),
-            linear(time_embed_dim, time_embed_dim),
-        )
+        self.time_embed = _time_embedding(model_channels, time_embed_dim)
         if self.num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
-
-        def res_block(ch, out_ch, **kw):
-            return ResBlock(
-                ch, time_embed_dim, dropout, out_channels=out_ch, dims=dims,
-                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **kw,
-            )
-
-        def attention_block(ch, heads):
-            return AttentionBlock(
-                ch, use_checkpoint=use_checkpoint, num_heads=heads,
-                num_head_channels=num_head_channels, use_new_attention_order=use_new_attention_order,
-            )
+        res_block, attention_block = _block_factories(
+            time_embed_dim, dropout, dims, use_checkpoint, use_scale_shift_norm,
+            num_head_channels, use_new_attention_order,
+        )
 
         self.input_blocks, input_block_chans, ch, ds = _build_encoder(
             in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
@@ -404,6 +392,33 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(th.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.type(x.dtype))
+
+
+def _time_embedding(model_channels, time_embed_dim):
+    return nn.Sequential(
+        linear(model_channels, time_embed_dim),
+        SiLU(),
+        linear(time_embed_dim, time_embed_dim),
+    )
+
+
+def _block_factories(time_embed_dim, dropout, dims, use_checkpoint, use_scale_shift_norm,
+                     num_head_channels, use_new_attention_order):
+    """Constructors ``res_block(ch, out_ch, **kw)`` and ``attention_block(ch, heads)``."""
+
+    def res_block(ch, out_ch, **kw):
+        return ResBlock(
+            ch, time_embed_dim, dropout, out_channels=out_ch, dims=dims,
+            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **kw,
+        )
+
+    def attention_block(ch, heads):
+        return AttentionBlock(
+            ch, use_checkpoint=use_checkpoint, num_heads=heads,
+            num_head_channels=num_head_channels, use_new_attention_order=use_new_attention_order,
+        )
+
+    return res_block, attention_block
 
 
 def _build_encoder(in_channels, model_channels, channel_mult, num_res_blocks,
@@ -498,29 +513,17 @@ class EncoderUNetModel(nn.Module):
         self.pool = pool
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim),
-            SiLU(),
-            linear(time_embed_dim, time_embed_dim),
+        self.time_embed = _time_embedding(model_channels, time_embed_dim)
+        res_block, attention_block = _block_factories(
+            time_embed_dim, dropout, dims, use_checkpoint, use_scale_shift_norm,
+            num_head_channels, use_new_attention_order,
         )
-
-        def res_block(ch, out_ch, **kw):
-            return ResBlock(
-                ch, time_embed_dim, dropout, out_channels=out_ch, dims=dims,
-                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **kw,
-            )
-
-        def attention_block(ch):
-            return AttentionBlock(
-                ch, use_checkpoint=use_checkpoint, num_heads=num_heads,
-                num_head_channels=num_head_channels, use_new_attention_order=use_new_attention_order,
-            )
 
         self.input_blocks, chans, ch, ds = _build_encoder(
             in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
-            res_block, attention_block, resblock_updown, conv_resample, dims,
+            res_block, lambda c: attention_block(c, num_heads), resblock_updown, conv_resample, dims,
         )
-        self.middle_block = _build_middle(ch, res_block, attention_block(ch))
+        self.middle_block = _build_middle(ch, res_block, attention_block(ch, num_heads))
         # Width of the concatenated per-block means used by the "spatial" heads.
         self._feature_size = sum(chans) + ch
 
