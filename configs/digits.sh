@@ -4,7 +4,7 @@
 # Usage: bash configs/digits.sh [extra flags]   (NPROC=2 to run under mpiexec -n 2)
 #        source configs/digits.sh               (only exports the flag variables)
 
-MODEL_FLAGS="--image_size 32 --num_channels 64 --num_res_blocks 2 --channel_mult 1,2,2 --attention_resolutions 16,8 --num_heads 4 --class_cond True --learn_sigma True --diffusion_steps 1000 --noise_schedule cosine --resblock_updown True --use_scale_shift_norm True --dropout 0.1"
+MODEL_FLAGS="--image_size 32 --num_channels 32 --num_res_blocks 2 --channel_mult 1,1,2 --attention_resolutions 16,8 --num_heads 4 --class_cond True --num_classes 10 --learn_sigma True --diffusion_steps 1000 --noise_schedule cosine --resblock_updown False --use_scale_shift_norm True --dropout 0.0"
 SAG_FLAGS="--guide_scale 1.5 --guide_start 250 --sel_attn_block output --sel_attn_depth 2 --blur_sigma 9 --classifier_guidance True"
 CLASSIFIER_FLAGS="--classifier_scale 1.0 --classifier_path models/digits32_classifier.pt --classifier_width 32 --classifier_depth 2 --classifier_attention_resolutions 16,8 --classifier_pool attention"
 SAMPLE_FLAGS="--batch_size 16 --num_samples 64 --timestep_respacing 50 --save_grid True"

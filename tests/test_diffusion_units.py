@@ -139,3 +139,25 @@ def test_fp16_torso_runs_and_matches_fp32_roughly():
         pytest.skip(f"fp16 on this CPU: {err}")
     assert half.dtype == th.float32
     assert (half - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_export_checkpoint_keeps_the_first_classes(tmp_path):
+    import importlib.util
+
+    from sampling_helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("export_checkpoint", REPO / "scripts" / "export_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, _ = tiny_model_and_diffusion(attention_resolutions="8")
+    small = module.export(model.state_dict(), keep_classes=10)
+    assert small["label_emb.weight"].shape == (10, 128)
+    assert th.equal(small["label_emb.weight"], model.label_emb.weight[:10])
+    clf = create_classifier(32, False, 32, 1, "16,8", True, True, "attention")
+    small = module.export(clf.state_dict(), keep_classes=10)
+    assert small["out.2.c_proj.weight"].shape[0] == 10 and small["out.2.c_proj.bias"].shape == (10,)
+    ten = create_classifier(32, False, 32, 1, "16,8", True, True, "attention", num_classes=10)
+    ten.load_state_dict(small)
+    x, t = th.randn(2, 3, 32, 32), th.tensor([0, 0])
+    with th.no_grad():
+        assert th.allclose(ten(x, t), clf(x, t)[:, :10], atol=1e-6)
