@@ -7,14 +7,14 @@
 #      classifier at t=0 as feature network (FID / precision / recall in that space, and the
 #      accuracy of the generated labels; NOT comparable to Inception FID);
 #   4. draw pictures of what SAG does (runs/default/pictures/).
-# Environment: OUT (default runs/default), NUM_SAMPLES (default 200 per run), NPROC (default 2).
+# Environment: OUT (default runs/default), NUM_SAMPLES (default 128 per run), NPROC (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 OUT=${OUT:-runs/default}
 export NPROC=${NPROC:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MPIEXEC=${MPIEXEC:-$PWD/.venv/bin/mpiexec}
-NUM_SAMPLES=${NUM_SAMPLES:-200}
+NUM_SAMPLES=${NUM_SAMPLES:-128}
 source configs/digits.sh  # exports MODEL_FLAGS SAG_FLAGS CLASSIFIER_FLAGS SAMPLE_FLAGS MODEL_PATH
 mkdir -p "$OUT"
 
