@@ -5,9 +5,9 @@
 #        source configs/digits.sh               (only exports the flag variables)
 
 MODEL_FLAGS="--image_size 32 --num_channels 32 --num_res_blocks 2 --channel_mult 1,1,2 --attention_resolutions 16,8 --num_heads 4 --class_cond True --num_classes 10 --learn_sigma True --diffusion_steps 1000 --noise_schedule cosine --resblock_updown False --use_scale_shift_norm True --dropout 0.0"
-SAG_FLAGS="--guide_scale 1.5 --guide_start 250 --sel_attn_block output --sel_attn_depth 2 --blur_sigma 9 --classifier_guidance True"
+SAG_FLAGS="--guide_scale 1.5 --guide_start 250 --sel_attn_block output --sel_attn_depth 2 --blur_sigma 3 --classifier_guidance True"
 CLASSIFIER_FLAGS="--classifier_scale 1.0 --classifier_path models/digits32_classifier.pt --classifier_width 32 --classifier_depth 2 --classifier_attention_resolutions 16,8 --classifier_pool attention"
-SAMPLE_FLAGS="--batch_size 64 --num_samples 128 --use_ddim True --timestep_respacing ddim25 --save_grid True"
+SAMPLE_FLAGS="--batch_size 24 --num_samples 48 --timestep_respacing 50 --save_grid True"
 MODEL_PATH="models/digits32_diffusion.pt"
 
 source "$(dirname "${BASH_SOURCE[0]}")/_run.sh"
