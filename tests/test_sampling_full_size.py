@@ -17,7 +17,10 @@ def run_preset(name, tmp_path, ckpt_flags_from, **paths):
     script, words = preset_command(name)
     extra = [f"--{k}={v}" for k, v in paths.items()]
     extra += ["--num_samples", "1", "--batch_size", "1", "--timestep_respacing", "2",
-              "--output_dir", str(tmp_path / "out"), "--seed", "0", "--progress", "False"]
+              "--output_dir", str(tmp_path / "out"), "--seed", "0", "--progress", "False",
+              # float32 weights of the same layout: fp16 convolutions on CPUs without AVX512-FP16
+              # take minutes per pass (convert_to_fp16 is unit-tested in test_diffusion_units).
+              "--use_fp16", "False"]
     result = subprocess.run(["bash", str(REPO / "configs" / f"{name}.sh"), *extra], env=script_env(),
                             capture_output=True, text=True, timeout=1800, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
