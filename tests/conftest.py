@@ -1,14 +1,12 @@
-"""Shared test set-up: one torch thread (CI has 2 cores), the golden-vector directory."""
-
-from pathlib import Path
+"""Shared test set-up: one torch thread (CI has 2 cores), the golden-vector directory
+(``reference_paths``)."""
 
 import pytest
 import torch
 
-torch.set_num_threads(1)
+from reference_paths import SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+torch.set_num_threads(1)
 
 
 def pytest_configure(config):
@@ -18,6 +16,5 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def golden_dir():
     path = SHARED / "golden"
-    if not path.is_dir():
-        pytest.skip(f"golden vectors not found at {path}")
+    assert path.is_dir(), f"golden vectors not found at {path} (tests/reference/ is part of the repo)"
     return path

@@ -9,18 +9,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+
+from reference_paths import SHARED
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden" / "eval"
+GOLDEN = SHARED / "golden" / "eval"
 EVALUATOR = REPO / "evaluations" / "evaluator.py"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-needs_golden = pytest.mark.skipif(
-    not (GOLDEN / "README.md").is_file(), reason=f"golden vectors not found at {GOLDEN}"
-)
 
 
 def golden(name: str):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_helpers import GOLDEN, golden, needs_golden  # noqa: E402
+from eval_helpers import GOLDEN, golden  # noqa: E402
 
 from evaluations import inception  # noqa: E402
 from evaluations.errors import EvalError  # noqa: E402
@@ -20,7 +20,6 @@ def net():
     return inception.build_inception(inception.load_state_dict(GOLDEN / "inception_weights.npz"))
 
 
-@needs_golden
 @pytest.mark.parametrize("mode,tag", [("tf", "tfprep"), ("pytorch-fid", "ptfid")])
 def test_inception_golden(net, mode, tag):
     z = golden("inception_64")
@@ -35,7 +34,6 @@ def test_inception_golden(net, mode, tag):
     assert out["spatial"].shape == (8, 2023)
 
 
-@needs_golden
 def test_state_dict_with_num_batches_tracked(tmp_path):
     sd = inception.load_state_dict(GOLDEN / "inception_weights.npz")
     assert len(sd) == 472

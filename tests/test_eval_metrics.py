@@ -7,12 +7,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_helpers import golden, meta, needs_golden, recipe_rows  # noqa: E402
+from eval_helpers import golden, meta, recipe_rows  # noqa: E402
 
 from evaluations import metrics  # noqa: E402
 
 torch.set_num_threads(1)
-pytestmark = needs_golden
 
 
 def _rel(a, b):

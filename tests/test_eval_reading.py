@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_helpers import GOLDEN, golden, needs_golden  # noqa: E402
+from eval_helpers import GOLDEN, golden  # noqa: E402
 
 from evaluations import metrics  # noqa: E402
 from evaluations.errors import EvalError  # noqa: E402
 from evaluations.evaluator import statistics  # noqa: E402
 from evaluations.npz_io import NpzImages, read_stored_statistics  # noqa: E402
 
-pytestmark = needs_golden
 
 
 def _check(reader, exp, tag):
