@@ -8,6 +8,7 @@ Rank 0 then streams the shards, in global order, into ``samples_{N}x{H}x{W}x3.np
 """
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -226,10 +227,16 @@ def _factory_args(args, keys):
     return {k: getattr(args, k) for k in keys}
 
 
+# Building on the meta device skips random initialisation (seconds for the 128-512 models) but
+# its first use imports torch's compiler stack (~2 s): it pays only for large checkpoints.
+META_BUILD_MIN_BYTES = 64 << 20
+
+
 def _load_network(build, path, what, use_fp16):
-    """Build a network (on the meta device when possible), strictly load ``path``, move it to the
-    device, convert to fp16 if asked and switch to eval mode."""
-    with th.device("meta"):
+    """Build a network (on the meta device for large checkpoints), strictly load ``path``, move it
+    to the device, convert to fp16 if asked and switch to eval mode."""
+    large = os.path.isfile(path) and os.path.getsize(path) >= META_BUILD_MIN_BYTES
+    with th.device("meta") if large else contextlib.nullcontext():
         net = build()
     load_checkpoint(net, path, what, assign=True)
     if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):
