@@ -1,7 +1,8 @@
 """Every released OpenAI configuration: exact state_dict keys/shapes/dtypes and fp16 conversion.
 
-Built on the meta device (no memory), from the manifests in shared/spec/checkpoints, which were
-made with OpenAI's own factories and the published flags (copy in tests/reference/).
+Built on the meta device (no memory), from the checkpoint manifests in
+tests/reference/spec/checkpoints, which were made with OpenAI's own factories and the published
+flags.
 """
 
 import json

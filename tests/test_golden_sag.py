@@ -1,4 +1,4 @@
-"""The original SAG code's golden vectors (shared/golden/sag), reproduced in float32.
+"""The original SAG code's golden vectors (tests/reference/golden/sag), reproduced in float32.
 
 Tolerances from the golden README: atol 1e-4 for forwards and single steps, 5e-3 for loop
 finals (we also compare every step of the trajectory); masks exactly.
