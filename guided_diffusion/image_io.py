@@ -73,6 +73,11 @@ def make_grid(images, ncols=None, pad=2, fill=0):
     return grid
 
 
+def upscale_nearest(image, factor):
+    """Enlarge an (H, W, C) image ``factor`` times by pixel repetition (crisp small samples)."""
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
+
+
 def _chunk(kind, data):
     body = kind + data
     return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)

@@ -5,6 +5,7 @@ Writes into ``--out_dir``:
     x_t | predicted x_0 | attention mask | blurred x_0 | degraded input x̄_t;
   * ``sag_comparison.png``: rows = no guidance / SAG / classifier guidance / SAG + classifier
     guidance, the same noise and labels in every row (columns = images).
+Small images are enlarged by pixel repetition (``--zoom``; default: tiles of at least 128 px).
 
 Takes the flags of ``classifier_sample.py`` (model, classifier, SAG); for example, with the
 bundled default: ``source configs/digits.sh; python scripts/visualize_sag.py $SAG_FLAGS
@@ -20,7 +21,7 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, sampling  # noqa: E402
-from guided_diffusion.image_io import make_grid, to_uint8_nhwc, write_png  # noqa: E402
+from guided_diffusion.image_io import make_grid, to_uint8_nhwc, upscale_nearest, write_png  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -30,7 +31,12 @@ def parse_args(argv=None):
                         help="respaced steps to show, comma separated (default: 3 spread over the run)")
     parser.add_argument("--num_images", type=int, default=8, help="images per picture")
     parser.add_argument("--out_dir", default="sag_pictures", help="folder for the PNGs")
+    parser.add_argument("--zoom", type=int, default=0,
+                        help="pixel-repeat factor for the PNGs (default: tiles of at least 128 px)")
     args = parser.parse_args(argv)
+    if args.zoom < 0:
+        parser.error(f"--zoom {args.zoom}: must be 0 (automatic) or a positive factor")
+    args.zoom = args.zoom or max(1, 128 // args.image_size)
     args.batch_size = args.num_images
     return args
 
@@ -101,10 +107,12 @@ def main(argv=None):
             print(f"step {step}: SAG was not active (guide_start {args.guide_start}); no panel")
             continue
         path = os.path.join(args.out_dir, f"sag_step_{step}.png")
-        write_png(path, make_grid(panel.reshape(-1, *panel.shape[2:]), ncols=panel.shape[1]))
+        grid = make_grid(panel.reshape(-1, *panel.shape[2:]), ncols=panel.shape[1])
+        write_png(path, upscale_nearest(grid, args.zoom))
         print(f"wrote {path} (columns: x_t, predicted x_0, mask, blurred x_0, degraded input)")
     path = os.path.join(args.out_dir, "sag_comparison.png")
-    write_png(path, make_grid(np.concatenate([r for _, r in rows]), ncols=args.num_images))
+    grid = make_grid(np.concatenate([r for _, r in rows]), ncols=args.num_images)
+    write_png(path, upscale_nearest(grid, args.zoom))
     print(f"wrote {path} (rows: {'; '.join(name for name, _ in rows)}; labels {labels.tolist()})")
     args.classifier_guidance = wanted_cg
 

@@ -25,7 +25,10 @@ def test_visualize_writes_step_panels_and_comparison(tmp_path, capsys):
         assert (tmp_path / "pics" / name).is_file(), out
     step = read_png(tmp_path / "pics" / "sag_step_3.png")
     comparison = read_png(tmp_path / "pics" / "sag_comparison.png")
-    cell = 32 + 2  # image + grid padding
-    assert step.shape == (3 * cell + 2, 5 * cell + 2, 3)  # one row per image, five columns
-    assert comparison.shape == (4 * cell + 2, 3 * cell + 2, 3)  # four runs x three images
+    cell, zoom = 32 + 2, 4  # image + grid padding; 32 px tiles are enlarged to 128 px by default
+    assert step.shape == ((3 * cell + 2) * zoom, (5 * cell + 2) * zoom, 3)  # a row per image, 5 columns
+    assert comparison.shape == ((4 * cell + 2) * zoom, (3 * cell + 2) * zoom, 3)  # 4 runs x 3 images
+    for picture in (step, comparison):  # enlarged by pixel repetition, not interpolation
+        assert (picture[::zoom, ::zoom] == picture[zoom - 1 :: zoom, zoom - 1 :: zoom]).all()
+        assert picture.std() > 0
     assert "rows: no guidance; SAG; classifier guidance; SAG + classifier guidance" in out
