@@ -422,8 +422,9 @@ def run(args, kind):
                f"{args.batch_size}, seed {args.seed}, {world} rank(s), "
                f"{num_batches - len(pending)} batch(es) already done; output {args.output_dir}")
     if dist_util.dev().type == "cpu" and (args.use_fp16 or getattr(args, "classifier_use_fp16", False)):
-        note("warning: --use_fp16 True on a CPU: half-precision convolutions are very slow on most "
-             "CPUs (minutes per UNet pass at 128x128); pass --use_fp16 False to sample in float32")
+        note("warning: fp16 weights on a CPU: half-precision convolutions are very slow on most CPUs "
+             "(minutes per UNet pass at 128x128); pass --use_fp16 False (and --classifier_use_fp16 "
+             "False) to sample in float32")
 
     bar = _progress_bar(args, num_batches - len(pending), rank)
     for b in pending[rank::world]:

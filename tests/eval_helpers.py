@@ -20,7 +20,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-
 def golden(name: str):
     return np.load(GOLDEN / f"{name}.npz")
 

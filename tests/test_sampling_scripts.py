@@ -74,6 +74,15 @@ def test_classifier_sample_without_guidance_still_saves_labels(tmp_path, ckpts):
         assert data["arr_1"].shape == (2,) and data["arr_1"].dtype == np.int64
 
 
+def test_fp16_weights_on_cpu_sample_with_a_warning(tmp_path, ckpts):
+    extra = ["--use_fp16", "True", "--num_samples", "1", "--batch_size", "1", "--timestep_respacing", "2"]
+    ok(run_script("image", flags("image", ckpts, tmp_path / "h", *extra)))
+    assert "warning: fp16 weights on a CPU" in (tmp_path / "h" / "log.txt").read_text()
+    assert npz(tmp_path / "h", 1).is_file()
+    ok(run_script("image", flags("image", ckpts, tmp_path / "f", *extra[2:])))
+    assert "warning" not in (tmp_path / "f" / "log.txt").read_text()
+
+
 def test_sigkill_then_resume_gives_identical_npz(tmp_path, ckpts):
     extra = ["--num_samples", "8", "--batch_size", "1"]
     ok(run_script("image", flags("image", ckpts, tmp_path / "ref", *extra)))
