@@ -165,7 +165,7 @@ def sag_class(fast_attention=False, **_flags):
 
 
 def _no_autocast(device_type):
-    if th.is_autocast_enabled(device_type):
+    if th.amp.is_autocast_available(device_type) and th.is_autocast_enabled(device_type):
         return th.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 

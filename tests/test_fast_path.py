@@ -187,3 +187,40 @@ def test_benchmark_tiny_runs_and_prints_table():
     last = proc.stdout.strip().splitlines()
     assert last[-5].startswith("| layout | batch | path |")
     assert [line.split("|")[3].strip() for line in last[-3:]] == ["exact fp32", "orig-style fp16", "fast (bf16)"]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_sampling_loop_reads_no_device_value(sampler, fast):
+    """The whole loop (SAG on some steps, off on others, classifier guidance) runs on the meta
+    device, where any read of a tensor's value on the host (``.item()``, ``bool``, ``int``,
+    ``.cpu()``) raises: so the loop has no host-device synchronisation per step."""
+    from guided_diffusion.script_util import classifier_defaults, create_classifier
+
+    model, diffusion = tiny(respacing="ddim6" if sampler == "ddim" else "6")
+    flags = classifier_defaults()
+    flags.update(image_size=32, classifier_width=32, classifier_depth=1,
+                 classifier_attention_resolutions="16,8")
+    classifier = create_classifier(**flags).eval()
+    meta = th.device("meta")
+    model, classifier = prepare_model(model.to(meta), fast_attention=fast), classifier.to(meta)
+
+    def cond_fn(x, t, y=None):  # as scripts/classifier_sample.py builds it
+        with th.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = th.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[range(len(log_probs)), y.view(-1)]
+            return th.autograd.grad(selected.sum(), x_in)[0]
+
+    overlap = ClassifierGradientOverlap(cond_fn) if fast else None
+    extra = dict(overlap=overlap) if fast else {}
+    sag = sag_class(fast_attention=fast)(model, guide_scale=1.5, guide_start=500, blur_sigma=3.0,
+                                          sel_attn_block="output", sel_attn_depth=1, **extra)
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    y = th.zeros(2, dtype=th.long, device=meta)
+    with sag:
+        out = loop(model, (2, 3, 32, 32), noise=th.empty(2, 3, 32, 32, device=meta),
+                   model_kwargs={"y": y}, cond_fn=overlap or cond_fn, device=meta, guidance=sag)
+        assert out.device == meta and out.shape == (2, 3, 32, 32)
+        with pytest.raises((RuntimeError, NotImplementedError)):  # the check can fail
+            sag.is_active(th.zeros(2, dtype=th.long, device=meta))
