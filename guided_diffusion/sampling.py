@@ -23,7 +23,13 @@ import torch.nn.functional as F
 
 from . import dist_util
 from .checkpoint_util import CheckpointError, load_checkpoint
-from .fast_path import fast_path_defaults, fast_path_flags, prepare_model, sag_class
+from .fast_path import (
+    ClassifierGradientOverlap,
+    fast_path_defaults,
+    fast_path_flags,
+    prepare_model,
+    sag_class,
+)
 from .image_io import make_grid, to_uint8_nhwc, write_npz_stream, write_png
 
 # Arguments that change nothing in the samples; a resumed run may use other values.
@@ -264,10 +270,11 @@ def build_sampler(args, kind):
         return model_box["model"]
 
     model = _load_network(build_model, args.model_path, "model", args.use_fp16)
-    model = prepare_model(model, **fast_path_flags(args))
+    fast = fast_path_flags(args)
+    model = prepare_model(model, **fast)
     diffusion = model_box["diffusion"]
     try:
-        guidance = sag_class(**fast_path_flags(args))(
+        guidance = sag_class(**fast)(
             model, guide_scale=args.guide_scale, guide_start=args.guide_start,
             blur_sigma=args.blur_sigma, sel_attn_block=args.sel_attn_block,
             sel_attn_depth=args.sel_attn_depth, sag_heads=args.sag_heads)
@@ -279,6 +286,9 @@ def build_sampler(args, kind):
     classifier = _load_network(
         lambda: su.create_classifier(**_factory_args(args, su.classifier_defaults().keys())),
         args.classifier_path, "classifier", args.classifier_use_fp16)
+    # The classifier shares the UNet's attention kernels, autocast and memory layout (it is
+    # differentiated every step, so it is not compiled).
+    classifier = prepare_model(classifier, **dict(fast, compile=False, cuda_graphs=False))
 
     def cond_fn(x, t, y=None):
         assert y is not None
@@ -292,7 +302,11 @@ def build_sampler(args, kind):
         assert y is not None
         return model(x, t, y if args.class_cond else None)
 
-    return diffusion, model_fn, (cond_fn if args.classifier_guidance else None), guidance
+    if not args.classifier_guidance:
+        return diffusion, model_fn, None, guidance
+    if fast["fast_attention"]:  # on CUDA: classifier gradient concurrent with SAG's second pass
+        cond_fn = guidance.overlap = ClassifierGradientOverlap(cond_fn)
+    return diffusion, model_fn, cond_fn, guidance
 
 
 def sample_batch(args, sampler, batch, draws_labels):

@@ -9,6 +9,11 @@ The table is printed last; ratios are measured in this run, never asserted.
     python scripts/benchmark_sampling.py                      # 128 and 256, batch 16 and 64
     python scripts/benchmark_sampling.py --layouts 256 --batch_sizes 64 --out docs/benchmarks.md
     python scripts/benchmark_sampling.py --tiny               # CPU smoke test (< 1 min)
+    python scripts/benchmark_sampling.py --layouts 128 --batch_sizes 16 --classifier_guidance True
+
+With ``--classifier_guidance True`` it also times SAG + classifier guidance (OpenAI's classifier
+layout at the model's size, random weights); on the fast path both with the classifier gradient
+overlapping SAG's second pass and sequentially, so the overlap gain is measured in one run.
 """
 
 import argparse
@@ -24,9 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch as th  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from guided_diffusion.fast_path import FastSelfAttentionGuidance, prepare_model, set_tf32  # noqa: E402
+from guided_diffusion.fast_path import (  # noqa: E402
+    ClassifierGradientOverlap,
+    FastSelfAttentionGuidance,
+    prepare_model,
+    set_tf32,
+)
 from guided_diffusion.sag import SelfAttentionGuidance  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
+    classifier_defaults,
+    create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     str2bool,
@@ -43,6 +55,14 @@ LAYOUTS = {
                   num_heads=4, num_res_blocks=1, learn_sigma=True, class_cond=True), ("output", 2), None),
 }
 PATHS = ("exact", "fp16", "fast")
+# Classifier flags for --classifier_guidance: OpenAI's published classifiers (128/256) are
+# classifier_defaults() at the model's image size; the tiny one is as small as the tiny UNet.
+CLASSIFIERS = {
+    "128": dict(image_size=128),
+    "256": dict(image_size=256),
+    "tiny": dict(image_size=32, classifier_width=32, classifier_depth=1,
+                 classifier_attention_resolutions="16,8"),
+}
 
 
 def parse_args(argv=None):
@@ -63,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--allow_tf32", type=str2bool, default=True, help="fast path only")
     p.add_argument("--guide_scale", type=float, default=1.5)
     p.add_argument("--blur_sigma", type=float, default=9.0)
+    p.add_argument("--classifier_guidance", type=str2bool, default=False,
+                   help="also time SAG + classifier guidance (fast path: with and without overlap)")
+    p.add_argument("--classifier_scale", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke test: tiny model, batch 2, 2 steps, 1 warm-up, exact/fp16/fast")
@@ -130,28 +153,55 @@ class Timer:
             self.seconds = time.perf_counter() - self.t0
 
 
-def prepare_path(path, model, args, device):
-    """Turn a fresh fp32 model into the path's model; returns the guidance class."""
+def prepare_path(path, model, args, device, compiled=True):
+    """Turn a fresh fp32 network into the path's network; returns the guidance class.
+
+    ``compiled=False`` (the classifier, which is differentiated every step, as in the sampler)
+    leaves out compilation and CUDA graphs."""
     set_tf32(False)
     if path == "fp16":  # OpenAI's --use_fp16: fp16 torso, einsum attention, eager
         model.convert_to_fp16()
         return SelfAttentionGuidance
     if path == "fast":
         on_gpu = device.type == "cuda"
+        compile = (on_gpu if args.compile is None else args.compile) and compiled
         prepare_model(model, fast_attention=True, dtype=args.dtype, allow_tf32=args.allow_tf32,
                       channels_last=on_gpu if args.channels_last is None else args.channels_last,
-                      compile=on_gpu if args.compile is None else args.compile,
-                      compile_mode=args.compile_mode, cuda_graphs=args.cuda_graphs)
+                      compile=compile, compile_mode=args.compile_mode,
+                      cuda_graphs=args.cuda_graphs and compiled)
         return FastSelfAttentionGuidance
     return SelfAttentionGuidance
 
 
-def run_steps(diffusion, model, x, ts, model_kwargs, guidance):
+def build_cond_fn(layout, path, args, device):
+    """A random-weight classifier for the layout, prepared like the path's UNet, and the
+    sampler's ``cond_fn`` (gradient of the selected log-probability)."""
+    flags = classifier_defaults()
+    flags.update(CLASSIFIERS[layout])
+    th.manual_seed(2)
+    classifier = create_classifier(**flags)
+    for param in classifier.parameters():
+        param.data.normal_(0, 0.02)
+    classifier = classifier.to(device).eval()
+    prepare_path(path, classifier, args, device, compiled=False)
+
+    def cond_fn(x, t, y=None):
+        with th.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = th.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[range(len(log_probs)), y.view(-1)]
+            return th.autograd.grad(selected.sum(), x_in)[0] * args.classifier_scale
+
+    return cond_fn
+
+
+def run_steps(diffusion, model, x, ts, model_kwargs, guidance, cond_fn=None):
     """DDIM steps over the pre-built timestep tensors ``ts`` (host index, device tensor)."""
     for i, t in ts:
         if guidance is not None and hasattr(guidance, "step_hint"):
             guidance.step_hint = (t, i)
-        x = diffusion.ddim_sample(model, x, t, model_kwargs=model_kwargs, guidance=guidance)["sample"]
+        x = diffusion.ddim_sample(model, x, t, model_kwargs=model_kwargs, guidance=guidance,
+                                  cond_fn=cond_fn)["sample"]
     return x
 
 
@@ -169,15 +219,27 @@ def measure(layout, batch, path, args, device):
     top = diffusion.num_timesteps - 1
     warm = [(i, th.full((batch,), i, device=device, dtype=th.long)) for i in range(top, top - args.warmup, -1)]
     timed = [(i, th.full((batch,), i, device=device, dtype=th.long)) for i in range(top, top - args.steps, -1)]
+    runs = [("plain", model, model_kwargs, None, None), ("sag", model, model_kwargs, guidance, None)]
+    if args.classifier_guidance:
+        cond_fn = build_cond_fn(layout, path, args, device)
+        labels = {"y": th.randint(0, 1000, (batch,), generator=gen).to(device)}
+        unet = model if kwargs["class_cond"] else (lambda x_, t_, y=None: model(x_, t_))
+        if path == "fast":  # gradient overlapping SAG's second pass, as classifier_sample.py
+            runs.append(("sag_cg", unet, labels, guidance, ClassifierGradientOverlap(cond_fn)))
+            runs.append(("sag_cg_seq", unet, labels, guidance, cond_fn))
+        else:
+            runs.append(("sag_cg", unet, labels, guidance, cond_fn))
     result = {}
     with th.no_grad():
-        for name, g in (("plain", None), ("sag", guidance)):
-            run_steps(diffusion, model, x, warm, model_kwargs, g)
+        for name, net, net_kwargs, g, cond in runs:
+            if g is not None and hasattr(g, "overlap"):
+                g.overlap = cond if isinstance(cond, ClassifierGradientOverlap) else None
+            run_steps(diffusion, net, x, warm, net_kwargs, g, cond)
             if device.type == "cuda":
                 th.cuda.synchronize()
                 th.cuda.reset_peak_memory_stats()
             with Timer(device) as timer:
-                run_steps(diffusion, model, x, timed, model_kwargs, g)
+                run_steps(diffusion, net, x, timed, net_kwargs, g, cond)
             result[name] = timer.seconds / args.steps
             if device.type == "cuda":
                 result[name + "_mem"] = th.cuda.max_memory_allocated() / 2 ** 30
@@ -227,6 +289,20 @@ def table(rows, args, device):
             + (f" (reference figure {LAYOUTS[lay][2]} TFLOP)" if LAYOUTS[lay][2] else "")
             for lay, f in sorted({(r["layout"], r["flops"]) for r in rows})),
     ]
+    if any("sag_cg" in r for r in rows):
+        head = ("| layout | batch | path | SAG+CG ms/step | SAG+CG img/s | SAG+CG / SAG | "
+                "SAG+CG speed-up vs fp16 | overlap gain (sequential / overlapped) |")
+        lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            ref = base.get((r["layout"], r["batch"]))
+            speed = f"{ref['sag_cg'] / r['sag_cg']:.2f}x" if ref else "-"
+            gain = f"{r['sag_cg_seq'] / r['sag_cg']:.2f}x" if "sag_cg_seq" in r else "-"
+            lines.append(
+                f"| {r['layout']} | {r['batch']} | {r['label']} | {1e3 * r['sag_cg']:.1f} | "
+                f"{r['batch'] / r['sag_cg']:.2f} | {r['sag_cg'] / r['sag']:.2f} | {speed} | {gain} |")
+        notes.append("SAG+CG = one SAG step plus the classifier gradient (classifier_defaults() layout "
+                     "at the model's size, random weights); the fast path overlaps the gradient with "
+                     "SAG's second pass on a side CUDA stream (sequential on CPU).")
     return "\n".join(lines), notes
 
 

@@ -181,12 +181,18 @@ def test_classifier_overlap_gives_the_same_samples(sampler):
 
 
 def test_benchmark_tiny_runs_and_prints_table():
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_sampling.py"), "--tiny"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark_sampling.py"), "--tiny", "--classifier_guidance", "True"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    last = proc.stdout.strip().splitlines()
-    assert last[-5].startswith("| layout | batch | path |")
-    assert [line.split("|")[3].strip() for line in last[-3:]] == ["exact fp32", "orig-style fp16", "fast (bf16)"]
+    lines = proc.stdout.strip().splitlines()
+    paths = ["exact fp32", "orig-style fp16", "fast (bf16)"]
+    sag_table, cg_table = lines[-11:-6], lines[-5:]
+    assert sag_table[0].startswith("| layout | batch | path | plain ms/step")
+    assert cg_table[0].startswith("| layout | batch | path | SAG+CG ms/step")
+    for table in (sag_table, cg_table):
+        assert [line.split("|")[3].strip() for line in table[2:]] == paths
+    gains = [line.split("|")[-2].strip() for line in cg_table[2:]]
+    assert gains[:2] == ["-", "-"] and gains[2].endswith("x")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

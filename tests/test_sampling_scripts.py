@@ -224,3 +224,28 @@ def test_bundled_digits_models_load_with_their_preset(tmp_path):
     images, labels = sampling.sample_batch(args, sampler, 0, draws_labels=True)
     assert images.shape == (4, 32, 32, 3) and images.dtype.name == "uint8"
     assert labels.min() >= 0 and labels.max() < 10
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fast_path_flags_in_classifier_sample(tmp_path, ckpts, dtype):
+    """--fast_attention (SDPA; fp32: the exact numbers up to rounding) through the script, with
+    the classifier gradient wired to overlap SAG's second pass."""
+    from guided_diffusion import sampling
+    from guided_diffusion.fast_path import ClassifierGradientOverlap, FastSelfAttentionGuidance
+
+    fast = ["--fast_attention", "True", "--dtype", dtype, "--channels_last", "True"]
+    args = parse("classifier", flags("classifier", ckpts, tmp_path / "unit", *fast))
+    _, _, cond_fn, guidance = sampling.build_sampler(args, "classifier")
+    assert isinstance(guidance, FastSelfAttentionGuidance)
+    assert isinstance(cond_fn, ClassifierGradientOverlap) and guidance.overlap is cond_fn
+    guidance.close()
+
+    ok(run_script("classifier", flags("classifier", ckpts, tmp_path / "exact")))
+    ok(run_script("classifier", flags("classifier", ckpts, tmp_path / "fast", *fast)))
+    with np.load(npz(tmp_path / "exact")) as exact, np.load(npz(tmp_path / "fast")) as quick:
+        assert np.array_equal(exact["arr_1"], quick["arr_1"])
+        diff = np.abs(exact["arr_0"].astype(int) - quick["arr_0"].astype(int))
+        if dtype == "fp32":  # SDPA vs einsum: rounding, so nearly every pixel is equal
+            assert diff.max() <= 8 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+        else:  # bf16 autocast: the same images up to bf16 rounding
+            assert diff.mean() < 8, diff.mean()
