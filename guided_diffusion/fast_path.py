@@ -213,3 +213,11 @@ class ClassifierGradientOverlap:
                 grad.record_stream(current)
             return grad
         return self.cond_fn(x, t, **kwargs)
+
+
+def pair_overlap(guidance, cond_fn):
+    """Let ``guidance`` prefetch the classifier gradient only when ``cond_fn`` (the sampler's, for
+    the coming run) is a :class:`ClassifierGradientOverlap`: a guidance object reused for a run
+    without classifier guidance must not compute gradients nobody reads."""
+    if isinstance(guidance, FastSelfAttentionGuidance):
+        guidance.overlap = cond_fn if isinstance(cond_fn, ClassifierGradientOverlap) else None

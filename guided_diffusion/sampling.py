@@ -27,6 +27,7 @@ from .fast_path import (
     ClassifierGradientOverlap,
     fast_path_defaults,
     fast_path_flags,
+    pair_overlap,
     prepare_model,
     sag_class,
 )
@@ -254,6 +255,20 @@ def _load_network(build, path, what, use_fp16):
     return net.eval()
 
 
+def classifier_cond_fn(classifier, scale):
+    """Classifier guidance's ``cond_fn``: ``scale`` * grad_x log p(y | x_t) (OpenAI's)."""
+
+    def cond_fn(x, t, y=None):
+        assert y is not None
+        with th.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[range(len(log_probs)), y.view(-1)]
+            return th.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    return cond_fn
+
+
 def build_sampler(args, kind):
     """Everything a batch needs: ``(diffusion, model_fn, cond_fn, guidance)``."""
     from . import script_util as su
@@ -290,22 +305,16 @@ def build_sampler(args, kind):
     # differentiated every step, so it is not compiled).
     classifier = prepare_model(classifier, **dict(fast, compile=False, cuda_graphs=False))
 
-    def cond_fn(x, t, y=None):
-        assert y is not None
-        with th.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
-            selected = log_probs[range(len(log_probs)), y.view(-1)]
-            return th.autograd.grad(selected.sum(), x_in)[0] * args.classifier_scale
-
     def model_fn(x, t, y=None):
         assert y is not None
         return model(x, t, y if args.class_cond else None)
 
     if not args.classifier_guidance:
         return diffusion, model_fn, None, guidance
+    cond_fn = classifier_cond_fn(classifier, args.classifier_scale)
     if fast["fast_attention"]:  # on CUDA: classifier gradient concurrent with SAG's second pass
-        cond_fn = guidance.overlap = ClassifierGradientOverlap(cond_fn)
+        cond_fn = ClassifierGradientOverlap(cond_fn)
+        pair_overlap(guidance, cond_fn)
     return diffusion, model_fn, cond_fn, guidance
 
 

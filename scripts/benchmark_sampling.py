@@ -32,10 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from guided_diffusion.fast_path import (  # noqa: E402
     ClassifierGradientOverlap,
     FastSelfAttentionGuidance,
+    pair_overlap,
     prepare_model,
     set_tf32,
 )
 from guided_diffusion.sag import SelfAttentionGuidance  # noqa: E402
+from guided_diffusion.sampling import classifier_cond_fn  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     classifier_defaults,
     create_classifier,
@@ -184,15 +186,7 @@ def build_cond_fn(layout, path, args, device):
         param.data.normal_(0, 0.02)
     classifier = classifier.to(device).eval()
     prepare_path(path, classifier, args, device, compiled=False)
-
-    def cond_fn(x, t, y=None):
-        with th.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = th.log_softmax(classifier(x_in, t), dim=-1)
-            selected = log_probs[range(len(log_probs)), y.view(-1)]
-            return th.autograd.grad(selected.sum(), x_in)[0] * args.classifier_scale
-
-    return cond_fn
+    return classifier_cond_fn(classifier, args.classifier_scale)
 
 
 def run_steps(diffusion, model, x, ts, model_kwargs, guidance, cond_fn=None):
@@ -232,8 +226,7 @@ def measure(layout, batch, path, args, device):
     result = {}
     with th.no_grad():
         for name, net, net_kwargs, g, cond in runs:
-            if g is not None and hasattr(g, "overlap"):
-                g.overlap = cond if isinstance(cond, ClassifierGradientOverlap) else None
+            pair_overlap(g, cond)
             run_steps(diffusion, net, x, warm, net_kwargs, g, cond)
             if device.type == "cuda":
                 th.cuda.synchronize()

@@ -21,6 +21,7 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, sampling  # noqa: E402
+from guided_diffusion.fast_path import pair_overlap  # noqa: E402
 from guided_diffusion.image_io import make_grid, to_uint8_nhwc, upscale_nearest, write_png  # noqa: E402
 
 
@@ -60,6 +61,7 @@ def mask_image(mask):
 def run(args, diffusion, model_fn, cond_fn, guidance, labels, noise, record=None):
     """One sampling run from fixed noise; optionally records SAG intermediates at steps."""
     th.manual_seed(args.seed)
+    pair_overlap(guidance, cond_fn)  # the SAG-only run computes no classifier gradient
     loop = diffusion.ddim_sample_loop_progressive if args.use_ddim else diffusion.p_sample_loop_progressive
     img = noise
     out = None

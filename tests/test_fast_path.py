@@ -201,6 +201,7 @@ def test_sampling_loop_reads_no_device_value(sampler, fast):
     """The whole loop (SAG on some steps, off on others, classifier guidance) runs on the meta
     device, where any read of a tensor's value on the host (``.item()``, ``bool``, ``int``,
     ``.cpu()``) raises: so the loop has no host-device synchronisation per step."""
+    from guided_diffusion.sampling import classifier_cond_fn
     from guided_diffusion.script_util import classifier_defaults, create_classifier
 
     model, diffusion = tiny(respacing="ddim6" if sampler == "ddim" else "6")
@@ -210,14 +211,7 @@ def test_sampling_loop_reads_no_device_value(sampler, fast):
     classifier = create_classifier(**flags).eval()
     meta = th.device("meta")
     model, classifier = prepare_model(model.to(meta), fast_attention=fast), classifier.to(meta)
-
-    def cond_fn(x, t, y=None):  # as scripts/classifier_sample.py builds it
-        with th.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = th.log_softmax(classifier(x_in, t), dim=-1)
-            selected = log_probs[range(len(log_probs)), y.view(-1)]
-            return th.autograd.grad(selected.sum(), x_in)[0]
-
+    cond_fn = classifier_cond_fn(classifier, 1.0)  # the one scripts/classifier_sample.py uses
     overlap = ClassifierGradientOverlap(cond_fn) if fast else None
     extra = dict(overlap=overlap) if fast else {}
     sag = sag_class(fast_attention=fast)(model, guide_scale=1.5, guide_start=500, blur_sigma=3.0,
@@ -230,3 +224,32 @@ def test_sampling_loop_reads_no_device_value(sampler, fast):
         assert out.device == meta and out.shape == (2, 3, 32, 32)
         with pytest.raises((RuntimeError, NotImplementedError)):  # the check can fail
             sag.is_active(th.zeros(2, dtype=th.long, device=meta))
+
+
+def test_pair_overlap_prefetches_only_for_its_own_cond_fn():
+    """A guidance object reused for a run without classifier guidance (visualize_sag.py's SAG
+    row) computes no classifier gradient; paired with the overlap it prefetches again."""
+    from guided_diffusion.fast_path import pair_overlap
+
+    model, diffusion = tiny(respacing="ddim3")
+    calls = []
+
+    def cond_fn(x, t, y=None):
+        calls.append(t)
+        return th.zeros_like(x)
+
+    overlap = ClassifierGradientOverlap(cond_fn)
+    x, _, y = inputs()
+    with FastSelfAttentionGuidance(model, guide_start=100, blur_sigma=3.0, sel_attn_block="output",
+                                   sel_attn_depth=1, overlap=overlap) as sag:
+        for paired, expected_calls in ((None, 0), (overlap, 3)):
+            calls.clear()
+            pair_overlap(sag, paired)
+            assert sag.overlap is paired
+            diffusion.ddim_sample_loop(model, x.shape, noise=x.clone(), model_kwargs={"y": y},
+                                       cond_fn=paired, guidance=sag)
+            assert len(calls) == expected_calls  # one gradient per step, prefetched, none wasted
+    exact = SelfAttentionGuidance(model, guide_start=100, sel_attn_block="output", sel_attn_depth=1)
+    pair_overlap(exact, overlap)  # the exact guidance has no overlap: left alone
+    assert not hasattr(exact, "overlap")
+    exact.close()
