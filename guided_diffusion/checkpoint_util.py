@@ -29,6 +29,7 @@ def read_state_dict(path, what="model"):
     flag = _FLAGS[what]["path"]
     if not path:
         raise CheckpointError(f"no {what} checkpoint given (pass {flag} PATH)")
+    path = os.fspath(path)
     if "://" not in path and not os.path.isfile(path):
         raise CheckpointError(f"{what} checkpoint not found: {path} ({flag})")
     try:

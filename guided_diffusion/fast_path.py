@@ -1,7 +1,8 @@
 """The opt-in fast sampling path: SDPA attention, autocast, TF32, channels_last, torch.compile.
 
 Nothing here changes the exact path: with :func:`fast_path_defaults` every option is off and
-:func:`prepare_model` leaves the model untouched. A driver adds the flags and calls::
+:func:`prepare_model` leaves the model untouched (it only forbids TF32, which PyTorch allows in
+cuDNN convolutions by default, so the exact path is float32 on GPUs too). A driver adds the flags and calls::
 
     add_dict_to_argparser(parser, fast_path_defaults())
     model = prepare_model(model, **fast_path_flags(args))          # after load / use_fp16 / eval
@@ -30,7 +31,7 @@ def fast_path_defaults():
     return dict(
         fast_attention=False,  # SDPA attention ops + chunked SAG colsum + sync-free SAG step
         dtype="fp32",  # fp32 | bf16 | fp16: autocast of the UNet (not --use_fp16's torso cast)
-        allow_tf32=False,  # TF32 matmuls / convolutions on Ampere+ GPUs
+        allow_tf32=False,  # TF32 matmuls / convolutions on Ampere+ GPUs (False: forbidden)
         channels_last=False,  # NHWC convolutions
         compile=False,  # torch.compile the UNet forward
         compile_mode="default",  # see COMPILE_MODES
@@ -54,19 +55,56 @@ def set_tf32(enabled):
         matmul.allow_tf32 = th.backends.cudnn.allow_tf32 = bool(enabled)
 
 
+def tf32_enabled():
+    """Whether float32 matmuls and cuDNN convolutions may both use TF32."""
+    matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32" and conv.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32 and th.backends.cudnn.allow_tf32)
+
+
+def _tf32_state():
+    matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision, conv.fp32_precision
+    return matmul.allow_tf32, th.backends.cudnn.allow_tf32
+
+
+def _restore_tf32(state):
+    matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision, conv.fp32_precision = state
+    else:
+        matmul.allow_tf32, th.backends.cudnn.allow_tf32 = state
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled):
+    """Run a block with TF32 allowed or forbidden, then restore the previous settings exactly
+    (TF32 is process-wide: this lets an exact and a TF32 path alternate in one process)."""
+    before = _tf32_state()
+    set_tf32(enabled)
+    try:
+        yield
+    finally:
+        _restore_tf32(before)
+
+
 def prepare_model(model, fast_attention=False, dtype="fp32", allow_tf32=False, channels_last=False,
                   compile=False, compile_mode="default", cuda_graphs=False):
     """Apply the fast-path options to ``model`` in place and return it (state_dict unchanged).
 
     Call after loading weights (and ``convert_to_fp16`` / ``eval``), before any SAG probe is
-    attached. With the defaults this is a no-op.
+    attached. With the defaults the model is left as it is, and TF32 is forbidden process-wide
+    (PyTorch's own default allows it in cuDNN convolutions on Ampere+ GPUs, which would make the
+    "exact float32" path TF32 in its convolutions).
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
-    if allow_tf32:
-        set_tf32(True)
+    # PyTorch lets cuDNN convolutions use TF32 by default: the exact path forbids it explicitly.
+    set_tf32(allow_tf32)
     if fast_attention:
         use_sdpa_attention(model)
     if channels_last:

@@ -1,0 +1,214 @@
+"""Check a faster sampling path against the exact float32 path, step by step, on one model.
+
+Every DDIM step starts both paths from the same x_t (the exact path's trajectory) with SAG on,
+and compares: the SAG mask (share of equal positions), the first pass's eps (norm-relative and
+max-relative error) and the guided eps. Takes the sampling scripts' model and SAG flags, so any
+checkpoint can be checked before a long run; ``--model_path random`` uses random weights in the
+given layout (no checkpoint needed). Prints a table last; ``--check True`` exits with status 1
+when a path misses its tolerance (mask agreement over the trajectory >= 99%, first-pass eps
+within 16 unit roundoffs of its format, norm-relative).
+
+    source configs/digits.sh   # the bundled default (trained weights)
+    python scripts/compare_fast_path.py $SAG_FLAGS $MODEL_FLAGS --model_path $MODEL_PATH
+    python scripts/compare_fast_path.py --image_size 256 --num_channels 256 --num_res_blocks 2 \\
+        --attention_resolutions 32,16,8 --num_head_channels 64 --resblock_updown True \\
+        --use_scale_shift_norm True --learn_sigma True --model_path random --batch_size 4
+
+Paths (``--paths``, comma list): ``orig_fp16`` (OpenAI's ``--use_fp16`` torso, einsum attention),
+or a fast path written as ``+``-joined parts: a precision ``fp32|bf16|fp16`` (autocast; fp32 =
+SDPA attention alone) and any of ``tf32``, ``nhwc``, ``compile``, ``cudagraphs``.
+"""
+
+import argparse
+import copy
+import datetime
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch as th  # noqa: E402
+
+from guided_diffusion.checkpoint_util import load_checkpoint  # noqa: E402
+from guided_diffusion.fast_path import (  # noqa: E402
+    FastSelfAttentionGuidance,
+    prepare_model,
+    set_tf32,
+    tf32_mode,
+)
+from guided_diffusion.path_agreement import compare_sag_steps, summarize  # noqa: E402
+from guided_diffusion.sag import SelfAttentionGuidance  # noqa: E402
+from guided_diffusion import script_util as su  # noqa: E402
+
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+ROUNDOFFS_ALLOWED = 16  # first-pass eps error allowed, in unit roundoffs of the path's format
+MIN_MASK_AGREEMENT = 0.99
+FP32_FLOOR = 1e-5  # fp32 paths still reorder sums: allow this much relative error
+PARTS = ("tf32", "nhwc", "compile", "cudagraphs")
+DEFAULT_PATHS = {"cuda": "orig_fp16,fp32,fp16,bf16,bf16+tf32+nhwc+compile", "cpu": "fp32,bf16"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = su.model_and_diffusion_defaults()
+    defaults.update(su.sag_defaults())
+    defaults.update(timestep_respacing="ddim25", model_path="", batch_size=8)
+    su.add_dict_to_argparser(p, defaults)
+    p.add_argument("--paths", default="", help="comma list (see above); default: "
+                   + "; ".join(f"{dev}: {paths}" for dev, paths in DEFAULT_PATHS.items()))
+    p.add_argument("--steps", type=int, default=0, help="compared steps from the top (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cuda, cpu")
+    p.add_argument("--check", type=su.str2bool, default=False,
+                   help="exit with status 1 if a path misses its tolerance")
+    p.add_argument("--per_step", type=su.str2bool, default=False, help="also print every step")
+    p.add_argument("--out", default="", help="append the table (markdown) to this file")
+    args = p.parse_args(argv)
+    if not args.model_path:
+        p.error("--model_path is required: a checkpoint, or 'random' for random weights "
+                "(e.g. source configs/digits.sh and pass --model_path $MODEL_PATH)")
+    if args.model_path != "random" and not os.path.isfile(args.model_path):
+        p.error(f"--model_path {args.model_path}: no such file")
+    return args
+
+
+def parse_path(spec):
+    """``orig_fp16`` or ``precision[+part...]`` -> (format for the tolerance, prepare kwargs)."""
+    if spec == "orig_fp16":
+        return "fp16", None
+    precision, *parts = spec.split("+")
+    unknown = [part for part in parts if part not in PARTS]
+    if precision not in ("fp32", "bf16", "fp16") or unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"--paths: cannot read {spec!r}; use orig_fp16 or fp32|bf16|fp16 "
+                         f"followed by +parts from {', '.join(PARTS)} (e.g. bf16+tf32+nhwc+compile)")
+    kwargs = dict(fast_attention=True, dtype=precision, allow_tf32="tf32" in parts,
+                  channels_last="nhwc" in parts, compile="compile" in parts,
+                  cuda_graphs="cudagraphs" in parts)
+    fmt = "tf32" if precision == "fp32" and "tf32" in parts else precision
+    return fmt, kwargs
+
+
+def tolerance(fmt):
+    return max(FP32_FLOOR, ROUNDOFFS_ALLOWED * UNIT_ROUNDOFF[fmt])
+
+
+def build_exact(args, device):
+    model, diffusion = su.create_model_and_diffusion(
+        **su.args_to_dict(args, su.model_and_diffusion_defaults().keys()))
+    if args.model_path == "random":
+        th.manual_seed(args.seed)
+        for param in model.parameters():  # ADM zero-inits some layers; make every layer matter
+            param.data.normal_(0, 0.02)
+    else:
+        load_checkpoint(model, args.model_path)
+    return model.float().to(device).eval(), diffusion
+
+
+def build_path(exact_model, spec, args):
+    """A copy of the exact network prepared as ``spec`` says, its guidance, and its TF32 context."""
+    fmt, kwargs = parse_path(spec)
+    model = copy.deepcopy(exact_model)
+    if kwargs is None:
+        model.convert_to_fp16()
+        cls, allow_tf32 = SelfAttentionGuidance, False
+    else:
+        prepare_model(model, **kwargs)
+        cls, allow_tf32 = FastSelfAttentionGuidance, kwargs["allow_tf32"]
+    set_tf32(False)
+    guidance = cls(model, **guidance_kwargs(args))
+    return model, guidance, (lambda: tf32_mode(allow_tf32)), fmt
+
+
+def guidance_kwargs(args):
+    # SAG on at every compared step; the user's scale, blur, block and heads.
+    return dict(guide_scale=args.guide_scale, guide_start=10 ** 9, blur_sigma=args.blur_sigma,
+                sel_attn_block=args.sel_attn_block, sel_attn_depth=args.sel_attn_depth,
+                sag_heads=args.sag_heads, keep_intermediates=True)
+
+
+def inputs(args, device):
+    gen = th.Generator(device="cpu").manual_seed(args.seed)
+    size = args.image_size
+    noise = th.randn(args.batch_size, 3, size, size, generator=gen).to(device)
+    kwargs = {}
+    if args.class_cond:
+        kwargs["y"] = th.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
+    return noise, kwargs
+
+
+def describe(device):
+    if device.type == "cuda":
+        return f"{th.cuda.get_device_name(device)}, torch {th.__version__}, CUDA {th.version.cuda}"
+    return f"CPU, torch {th.__version__}"
+
+
+def report(results, args, device):
+    head = ("| path | steps | mask agreement (mean / worst step) | eps rel. err (worst step) | "
+            "eps max-rel. err | guided eps rel. err | tolerance (eps) | verdict |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    failed = []
+    for spec, (fmt, s) in results.items():
+        ok = s["mean_mask_agreement"] >= MIN_MASK_AGREEMENT and s["max_eps_rel_err"] <= tolerance(fmt)
+        if not ok:
+            failed.append(spec)
+        lines.append(
+            f"| {spec} | {s['steps']} | {100 * s['mean_mask_agreement']:.2f}% / "
+            f"{100 * s['min_mask_agreement']:.2f}% | {s['max_eps_rel_err']:.2e} | "
+            f"{s['max_eps_max_rel_err']:.2e} | {s['max_guided_eps_rel_err']:.2e} | "
+            f"{tolerance(fmt):.1e} ({fmt}) | {'ok' if ok else 'FAIL'} |")
+    what = "random weights" if args.model_path == "random" else args.model_path
+    notes = [
+        f"Machine: {describe(device)}. Model: {what}, {args.image_size}x{args.image_size}, "
+        f"batch {args.batch_size}, respacing {args.timestep_respacing}, SAG on every step "
+        f"(scale {args.guide_scale:g}, blur sigma {args.blur_sigma:g}, {args.sel_attn_block} "
+        f"{args.sel_attn_depth}, heads: {args.sag_heads}); reference: exact fp32 (TF32 off).",
+        "Teacher-forced: each step starts both paths from the exact trajectory's x_t. Errors are "
+        "||fast - exact|| / ||exact|| (max-rel.: max|fast - exact| / max|exact|); the guided eps "
+        "also moves where a mask position flips. Tolerance: mask agreement >= 99% over the "
+        f"trajectory and first-pass eps within {ROUNDOFFS_ALLOWED} unit roundoffs of the format.",
+    ]
+    return "\n".join(lines), notes, failed
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = th.device(args.device if args.device != "auto" else
+                       ("cuda" if th.cuda.is_available() else "cpu"))
+    specs = (args.paths or DEFAULT_PATHS["cuda" if device.type == "cuda" else "cpu"]).split(",")
+    try:
+        for spec in specs:
+            parse_path(spec)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    set_tf32(False)
+    exact_model, diffusion = build_exact(args, device)
+    paths, formats = {}, {}
+    for spec in specs:  # copies of the exact network, taken before its probe is attached
+        *paths[spec], formats[spec] = build_path(exact_model, spec, args)
+    exact = (exact_model, SelfAttentionGuidance(exact_model, **guidance_kwargs(args)),
+             lambda: tf32_mode(False))
+    noise, model_kwargs = inputs(args, device)
+    rows = compare_sag_steps(diffusion, exact, paths, noise, model_kwargs, steps=args.steps or None)
+    if args.per_step:
+        for spec, steps in rows.items():
+            for r in steps:
+                print(f"[{spec}] step {r['step']}: mask {100 * r['mask_agreement']:.2f}%, "
+                      f"eps {r['eps_rel_err']:.2e}, guided eps {r['guided_eps_rel_err']:.2e}")
+    for _, guidance, _ in [exact, *paths.values()]:
+        guidance.close()
+    results = {spec: (formats[spec], summarize(steps)) for spec, steps in rows.items()}
+    text, notes, failed = report(results, args, device)
+    print("\n".join(notes))
+    print(text)
+    if args.out:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(args.out, "a") as f:
+            f.write(f"\n### Agreement {stamp}\n\nCommand: `python scripts/compare_fast_path.py "
+                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
+            f.write("\n".join(f"- {n}" for n in notes) + "\n\n" + text + "\n")
+    if args.check and failed:
+        sys.exit(f"error: {', '.join(failed)} outside tolerance (see the table)")
+
+
+if __name__ == "__main__":
+    main()
