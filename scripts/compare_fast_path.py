@@ -45,7 +45,10 @@ ROUNDOFFS_ALLOWED = 16  # first-pass eps error allowed, in unit roundoffs of the
 MIN_MASK_AGREEMENT = 0.99
 FP32_FLOOR = 1e-5  # fp32 paths still reorder sums: allow this much relative error
 PARTS = ("tf32", "nhwc", "compile", "cudagraphs")
-DEFAULT_PATHS = {"cuda": "orig_fp16,fp32,fp16,bf16,bf16+tf32+nhwc+compile", "cpu": "fp32,bf16"}
+DEFAULT_PATHS = {
+    "cuda": "orig_fp16,fp32,fp16,bf16,bf16+tf32+nhwc,bf16+tf32+nhwc+compile,bf16+tf32+nhwc+cudagraphs",
+    "cpu": "fp32,bf16",
+}
 
 
 def parse_args(argv=None):

@@ -3,13 +3,15 @@
 #
 #   bash scripts/gpu_check.sh            # on a CUDA machine, from the repository root
 #
-#   bash scripts/gpu_check.sh tests cg128   # only these stages (a second call on a warm machine)
+#   bash scripts/gpu_check.sh overlap cg128  # only these stages (a second call on a warm machine)
 #
 # Stages, most important first; each runs only if the time left (BUDGET_S, default 540 s from
 # the start) covers its expected length, and is cut off at its own limit (see run_stage):
 #   b256      benchmark, 256 layout, batch 16: orig-style fp16 vs fast path (compiled): the
 #             speed-up target (falls back to an uncompiled fast path if compiling fails)
-#   tests     the agreement tests on the GPU (tests/test_fast_path_agreement.py, test_fast_path.py)
+#   agree     every GPU path against exact fp32 on the bundled model, step by step, --check
+#             (the GPU test of tests/test_fast_path_agreement.py, with its table kept)
+#   overlap   the classifier gradient on a side CUDA stream gives the same samples (GPU tests)
 #   exact256  benchmark, 256 layout, batch 16, exact fp32
 #   cg128     benchmark, 128 layout, batch 16, SAG + classifier guidance (overlap gain)
 #   agree256  agreement figures on the 256 layout (random weights)
@@ -61,6 +63,8 @@ stage() {
 }
 
 BENCH=("$PYTHON" scripts/benchmark_sampling.py --out "$DOC")
+# MODEL_FLAGS and SAG_FLAGS of the bundled default (configs/digits.sh)
+DIGITS_FLAGS=$(source configs/digits.sh && echo "$MODEL_FLAGS $SAG_FLAGS")
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -78,9 +82,13 @@ run_stage() {
         stage "b256: benchmark 256 b16, orig-style fp16 and fast (uncompiled)" 40 120 \
             "${BENCH[@]}" --layouts 256 --batch_sizes 16 --paths fp16,fast --compile False
         (($? == 125)) && return $first ;;
-    tests)
-        stage "tests: agreement and fast-path tests on the GPU" 90 240 \
-            "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fast_path_agreement.py tests/test_fast_path.py ;;
+    agree)  # = test_gpu_paths_within_tolerance_on_the_bundled_model, with the table kept
+        stage "agree: every GPU path vs exact fp32 on the bundled model (--check)" 90 300 \
+            "$PYTHON" scripts/compare_fast_path.py $DIGITS_FLAGS --model_path models/digits32_diffusion.pt \
+            --batch_size 16 --device cuda --check True --out "$DOC" ;;
+    overlap)
+        stage "overlap: classifier gradient on a side stream, same samples (GPU tests)" 30 120 \
+            "$PYTHON" -m pytest -q -p no:cacheprovider -k "overlap and cuda" tests/test_fast_path_agreement.py ;;
     exact256)
         stage "exact256: benchmark 256 b16, exact fp32" 80 150 \
             "${BENCH[@]}" --layouts 256 --batch_sizes 16 --paths exact ;;
@@ -109,7 +117,7 @@ run_stage() {
     esac
 }
 
-ALL_STAGES=(b256 tests exact256 cg128 agree256 graphs256 b64 exact128)
+ALL_STAGES=(b256 agree overlap exact256 cg128 agree256 graphs256 b64 exact128)
 failed=0
 for name in "${@:-${ALL_STAGES[@]}}"; do
     run_stage "$name"
