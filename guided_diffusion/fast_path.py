@@ -167,8 +167,8 @@ class FastSelfAttentionGuidance(SelfAttentionGuidance):
     Differences from the exact class: the chunked float32 colsum (equal within ~1e-6, so masks
     differ only at keys whose column sum is within rounding of 1), the blur kernel cached on the
     device (bit-identical blur, no host-to-device copy per step), mask and blur computed with
-    autocast off, no device sync in :meth:`is_active` when the loop sets :attr:`step_hint`, and
-    optional overlap of the classifier gradient with the second UNet pass (``overlap``).
+    autocast off, no device sync in :meth:`is_active` when the loop sets :attr:`step_hint`, the
+    probe left on in the second pass (one compiled graph, not two), and optional overlap of the classifier gradient with the second UNet pass (``overlap``).
     """
 
     def __init__(self, model, *args, colsum_max_elements=1 << 24, overlap=None, **kwargs):
@@ -191,6 +191,13 @@ class FastSelfAttentionGuidance(SelfAttentionGuidance):
 
     def _mask_and_blur_context(self, x):
         return _no_autocast(x.device.type)
+
+    def _second_pass_context(self):
+        """The probe stays on in the second pass: a compiled UNet guards on the probe's on/off
+        flag, so pausing it would trace and compile the whole UNet a second time. What the
+        second pass captures is never read (each step takes the first pass's qkv before its
+        second pass; the next first pass replaces it)."""
+        return contextlib.nullcontext()
 
     def _before_second_pass(self, diffusion, x, t, model_kwargs):
         if self.overlap is not None:

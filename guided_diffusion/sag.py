@@ -281,7 +281,7 @@ class SelfAttentionGuidance:
             x_bar, blurred = degrade(diffusion, first["pred_xstart"], t, eps1, mask, self.blur_sigma,
                                      blur=self.blur)
         self._before_second_pass(diffusion, x, t, model_kwargs)
-        with self.probe.paused():
+        with self._second_pass_context():
             eps2 = diffusion.run_model(model, x_bar, t, model_kwargs)[:, :channels]
         guided_eps = eps2 + self.guide_scale * (eps1 - eps2)
         out = diffusion.outputs_from_model_output(
@@ -304,6 +304,10 @@ class SelfAttentionGuidance:
 
     def _mask_and_blur_context(self, x):
         return contextlib.nullcontext()
+
+    def _second_pass_context(self):
+        """Around the second (degraded) UNet pass: the probe ignores it."""
+        return self.probe.paused()
 
     def _before_second_pass(self, diffusion, x, t, model_kwargs):
         """Called between the degradation and the second UNet pass."""

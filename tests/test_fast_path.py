@@ -253,3 +253,28 @@ def test_pair_overlap_prefetches_only_for_its_own_cond_fn():
     pair_overlap(exact, overlap)  # the exact guidance has no overlap: left alone
     assert not hasattr(exact, "overlap")
     exact.close()
+
+
+def test_compiled_sag_run_traces_the_unet_once(monkeypatch):
+    """Both SAG passes (and unguided steps) reuse one compiled graph: the probe is not paused
+    on the fast path, since dynamo guards on its on/off flag (two full compilations before)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def compile_counting(fn, mode=None, dynamic=None):
+        return th._dynamo.optimize(counting_backend, dynamic=dynamic)(fn)
+
+    monkeypatch.setattr(th, "compile", compile_counting)
+    model, diffusion = tiny(respacing="ddim4")
+    prepare_model(model, fast_attention=True, compile=True)
+    x, _, y = inputs()
+    try:
+        with FastSelfAttentionGuidance(model, guide_scale=1.5, guide_start=2, blur_sigma=3.0,
+                                       sel_attn_block="output", sel_attn_depth=1) as sag:
+            diffusion.ddim_sample_loop(model, x.shape, noise=x, model_kwargs={"y": y}, guidance=sag)
+    finally:
+        th._dynamo.reset()
+    assert len(graphs) == 1
