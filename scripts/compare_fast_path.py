@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch as th  # noqa: E402
 
-from guided_diffusion.checkpoint_util import load_checkpoint  # noqa: E402
+from guided_diffusion.checkpoint_util import CheckpointError, load_checkpoint  # noqa: E402
 from guided_diffusion.fast_path import (  # noqa: E402
     FastSelfAttentionGuidance,
     prepare_model,
@@ -183,13 +183,18 @@ def main(argv=None):
             parse_path(spec)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
+    if args.guide_scale == 1.0:
+        sys.exit("error: --guide_scale 1 turns SAG off: nothing to compare (use e.g. 1.5)")
     set_tf32(False)
-    exact_model, diffusion = build_exact(args, device)
-    paths, formats = {}, {}
-    for spec in specs:  # copies of the exact network, taken before its probe is attached
-        *paths[spec], formats[spec] = build_path(exact_model, spec, args)
-    exact = (exact_model, SelfAttentionGuidance(exact_model, **guidance_kwargs(args)),
-             lambda: tf32_mode(False))
+    try:
+        exact_model, diffusion = build_exact(args, device)
+        paths, formats = {}, {}
+        for spec in specs:  # copies of the exact network, taken before its probe is attached
+            *paths[spec], formats[spec] = build_path(exact_model, spec, args)
+        exact = (exact_model, SelfAttentionGuidance(exact_model, **guidance_kwargs(args)),
+                 lambda: tf32_mode(False))
+    except (CheckpointError, ValueError) as exc:  # flags that do not fit the checkpoint / block
+        sys.exit(f"error: {str(exc).strip().splitlines()[0]}")
     noise, model_kwargs = inputs(args, device)
     rows = compare_sag_steps(diffusion, exact, paths, noise, model_kwargs, steps=args.steps or None)
     if args.per_step:

@@ -167,12 +167,18 @@ def test_verdict_and_exit_status_on_a_miss():
     assert [cells[-1] for cells in table_rows(text).values()] == ["ok", "FAIL", "FAIL"]
 
 
-@pytest.mark.parametrize("paths,message", [("bf17", "cannot read 'bf17'"),
-                                           ("bf16+turbo", "cannot read 'bf16+turbo'"),
-                                           ("fp16+nhwc+nhwc", "cannot read")])
-def test_bad_paths_are_one_line_errors(paths, message):
-    proc = run_compare("--paths", paths, "--device", "cpu", timeout=120)
-    assert proc.returncode != 0 and message in proc.stderr
+@pytest.mark.parametrize("extra,message", [
+    (["--paths", "bf17"], "cannot read 'bf17'"),
+    (["--paths", "bf16+turbo"], "cannot read 'bf16+turbo'"),
+    (["--paths", "fp16+nhwc+nhwc"], "cannot read"),
+    (["--num_channels", "64"], "does not match the flags"),
+    (["--sel_attn_block", "middle", "--attention_resolutions", "32"], "does not match the flags"),
+    (["--guide_scale", "1"], "turns SAG off"),
+    (["--sel_attn_block", "input", "--sel_attn_depth", "0"], "valid (block depth) choices"),
+])
+def test_bad_input_is_a_one_line_error(extra, message):
+    proc = run_compare(*extra, "--device", "cpu", "--steps", "1", "--batch_size", "1", timeout=120)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
