@@ -13,7 +13,6 @@ extractor belongs in its own module that calls ``register_extractor`` and is imp
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 

@@ -17,10 +17,8 @@ overlapping SAG's second pass and sequentially, so the overlap gain is measured 
 """
 
 import argparse
-import datetime
 import gc
 import os
-import platform
 import sys
 import time
 
@@ -29,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch as th  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from guided_diffusion.bench_report import append_markdown, describe_machine  # noqa: E402
 from guided_diffusion.fast_path import (  # noqa: E402
     ClassifierGradientOverlap,
     FastSelfAttentionGuidance,
@@ -237,25 +236,12 @@ def measure(layout, batch, path, args, device):
             if device.type == "cuda":
                 result[name + "_mem"] = th.cuda.max_memory_allocated() / 2 ** 30
     guidance.close()
-    del model, guidance
+    model = guidance = runs = None  # free the GPU memory before the next configuration
     gc.collect()
     if device.type == "cuda":
         th.cuda.empty_cache()
     set_tf32(False)
     return result
-
-
-def machine(device):
-    if device.type == "cuda":
-        return f"{th.cuda.get_device_name(device)}, torch {th.__version__}, CUDA {th.version.cuda}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"CPU {name} ({os.cpu_count()} logical cores visible), {th.get_num_threads()} torch "
-            f"thread(s), torch {th.__version__}")
 
 
 def table(rows, args, device):
@@ -274,7 +260,7 @@ def table(rows, args, device):
             f"{r['batch'] / r['plain']:.2f} | {1e3 * r['sag']:.1f} | {r['batch'] / r['sag']:.2f} | "
             f"{r['sag'] / r['plain']:.2f} | {speed} | {tflops:.3g} | {mfu} | {mem} |")
     notes = [
-        f"Machine: {machine(device)}. {args.steps} timed DDIM steps after {args.warmup} warm-up steps; "
+        f"Machine: {describe_machine(device)}. {args.steps} timed DDIM steps after {args.warmup} warm-up steps; "
         "img/s = images per second per sampler step (divide by the step count for whole samples).",
         "SAG TFLOP/s = 2 UNet forwards x counted FLOPs x batch / SAG step time; MFU against "
         f"--peak_tflops {args.peak_tflops:g}. " + "; ".join(
@@ -324,12 +310,8 @@ def main(argv=None):
     print("\n".join(notes))
     print(text)
     if args.out:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(args.out, "a") as f:
-            f.write(f"\n### Run {stamp}{' (CPU smoke test)' if args.tiny else ''}\n\n"
-                    f"Command: `python scripts/benchmark_sampling.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
-            f.write("\n".join(f"- {n}" for n in notes) + "\n\n" + text + "\n")
-
+        command = "python scripts/benchmark_sampling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        append_markdown(args.out, "Run" if not args.tiny else "Run (CPU smoke test)", command, notes, text)
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ SDPA attention alone) and any of ``tf32``, ``nhwc``, ``compile``, ``cudagraphs``
 
 import argparse
 import copy
-import datetime
 import os
 import sys
 
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch as th  # noqa: E402
 
+from guided_diffusion.bench_report import append_markdown, describe_machine  # noqa: E402
 from guided_diffusion.checkpoint_util import CheckpointError, load_checkpoint  # noqa: E402
 from guided_diffusion.fast_path import (  # noqa: E402
     FastSelfAttentionGuidance,
@@ -139,12 +139,6 @@ def inputs(args, device):
     return noise, kwargs
 
 
-def describe(device):
-    if device.type == "cuda":
-        return f"{th.cuda.get_device_name(device)}, torch {th.__version__}, CUDA {th.version.cuda}"
-    return f"CPU, torch {th.__version__}"
-
-
 def report(results, args, device):
     head = ("| path | steps | mask agreement (mean / worst step) | eps rel. err (worst step) | "
             "eps max-rel. err | guided eps rel. err | tolerance (eps) | verdict |")
@@ -161,7 +155,7 @@ def report(results, args, device):
             f"{tolerance(fmt):.1e} ({fmt}) | {'ok' if ok else 'FAIL'} |")
     what = "random weights" if args.model_path == "random" else args.model_path
     notes = [
-        f"Machine: {describe(device)}. Model: {what}, {args.image_size}x{args.image_size}, "
+        f"Machine: {describe_machine(device)}. Model: {what}, {args.image_size}x{args.image_size}, "
         f"batch {args.batch_size}, respacing {args.timestep_respacing}, SAG on every step "
         f"(scale {args.guide_scale:g}, blur sigma {args.blur_sigma:g}, {args.sel_attn_block} "
         f"{args.sel_attn_depth}, heads: {args.sag_heads}); reference: exact fp32 (TF32 off).",
@@ -209,11 +203,8 @@ def main(argv=None):
     print("\n".join(notes))
     print(text)
     if args.out:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(args.out, "a") as f:
-            f.write(f"\n### Agreement {stamp}\n\nCommand: `python scripts/compare_fast_path.py "
-                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
-            f.write("\n".join(f"- {n}" for n in notes) + "\n\n" + text + "\n")
+        command = "python scripts/compare_fast_path.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        append_markdown(args.out, "Agreement", command, notes, text)
     if args.check and failed:
         sys.exit(f"error: {', '.join(failed)} outside tolerance (see the table)")
 

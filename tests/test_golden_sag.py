@@ -5,7 +5,6 @@ finals (we also compare every step of the trajectory); masks exactly.
 """
 
 import numpy as np
-import pytest
 import torch as th
 
 from golden_sag import GoldenCase

@@ -2,7 +2,6 @@
 checkpoint diagnostics."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch as th
 from guided_diffusion import sampling
 from guided_diffusion.checkpoint_util import CheckpointError, load_checkpoint
 from guided_diffusion.image_io import make_grid, read_png, write_npz_stream, write_png
-from sampling_helpers import TINY_CLASSIFIER_FLAGS, TINY_MODEL_FLAGS, parse, randomize_
+from sampling_helpers import TINY_MODEL_FLAGS, parse, randomize_
 
 
 # ------------------------------------------------------------------ flags (SAG.md section 3)
