@@ -22,9 +22,9 @@ def describe_machine(device):
             f"thread(s), torch {th.__version__}")
 
 
-def append_markdown(path, title, command, notes, table):
-    """Append ``### {title} {UTC time}``, the command, the notes as a list and the table."""
+def append_markdown(path, title, command, notes, table, suffix=""):
+    """Append ``### {title} {UTC time}{suffix}``, the command, the notes as a list and the table."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with open(path, "a") as f:
-        f.write(f"\n### {title} {stamp}\n\nCommand: `{command}`\n\n")
+        f.write(f"\n### {title} {stamp}{suffix}\n\nCommand: `{command}`\n\n")
         f.write("\n".join(f"- {n}" for n in notes) + "\n\n" + table + "\n")

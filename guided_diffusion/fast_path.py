@@ -2,7 +2,8 @@
 
 Nothing here changes the exact path: with :func:`fast_path_defaults` every option is off and
 :func:`prepare_model` leaves the model untouched (it only forbids TF32, which PyTorch allows in
-cuDNN convolutions by default, so the exact path is float32 on GPUs too). A driver adds the flags and calls::
+cuDNN convolutions by default, so the exact path is float32 on GPUs too). A driver adds the
+flags and calls::
 
     add_dict_to_argparser(parser, fast_path_defaults())
     model = prepare_model(model, **fast_path_flags(args))          # after load / use_fp16 / eval
@@ -55,15 +56,8 @@ def set_tf32(enabled):
         matmul.allow_tf32 = th.backends.cudnn.allow_tf32 = bool(enabled)
 
 
-def tf32_enabled():
-    """Whether float32 matmuls and cuDNN convolutions may both use TF32."""
-    matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
-    if hasattr(matmul, "fp32_precision"):
-        return matmul.fp32_precision == "tf32" and conv.fp32_precision == "tf32"
-    return bool(matmul.allow_tf32 and th.backends.cudnn.allow_tf32)
-
-
 def _tf32_state():
+    """(matmul, convolution) TF32 settings as stored: precision names, or booleans (older torch)."""
     matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
     if hasattr(matmul, "fp32_precision"):
         return matmul.fp32_precision, conv.fp32_precision
@@ -76,6 +70,11 @@ def _restore_tf32(state):
         matmul.fp32_precision, conv.fp32_precision = state
     else:
         matmul.allow_tf32, th.backends.cudnn.allow_tf32 = state
+
+
+def tf32_enabled():
+    """Whether float32 matmuls and cuDNN convolutions may both use TF32."""
+    return all(setting in ("tf32", True) for setting in _tf32_state())
 
 
 @contextlib.contextmanager
@@ -168,7 +167,8 @@ class FastSelfAttentionGuidance(SelfAttentionGuidance):
     differ only at keys whose column sum is within rounding of 1), the blur kernel cached on the
     device (bit-identical blur, no host-to-device copy per step), mask and blur computed with
     autocast off, no device sync in :meth:`is_active` when the loop sets :attr:`step_hint`, the
-    probe left on in the second pass (one compiled graph, not two), and optional overlap of the classifier gradient with the second UNet pass (``overlap``).
+    probe left on in the second pass (one compiled graph, not two), and optional overlap of the
+    classifier gradient with the second UNet pass (``overlap``).
     """
 
     def __init__(self, model, *args, colsum_max_elements=1 << 24, overlap=None, **kwargs):

@@ -18,6 +18,8 @@ import contextlib
 
 import torch as th
 
+_EXACT = "exact"
+
 
 def _norm_rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
@@ -40,8 +42,7 @@ def compare_sag_steps(diffusion, exact, candidates, noise, model_kwargs=None, st
     :return: ``{name: [one dict per step]}``, each with ``step`` (respaced index) and the
         figures in the module doc.
     """
-    paths = dict(candidates, **{_EXACT: exact})
-    for name, path in paths.items():
+    for name, path in [(_EXACT, exact), *candidates.items()]:
         if not getattr(path[1], "keep_intermediates", False):
             raise ValueError(f"path {name!r}: build its guidance with keep_intermediates=True")
     indices = list(range(diffusion.num_timesteps))[::-1][:steps]
@@ -61,9 +62,6 @@ def compare_sag_steps(diffusion, exact, candidates, noise, model_kwargs=None, st
                 ))
             x = ref["sample"]
     return rows
-
-
-_EXACT = "exact"
 
 
 def _guided_step(diffusion, path, x, t, i, model_kwargs, name):

@@ -311,7 +311,8 @@ def main(argv=None):
     print(text)
     if args.out:
         command = "python scripts/benchmark_sampling.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        append_markdown(args.out, "Run" if not args.tiny else "Run (CPU smoke test)", command, notes, text)
+        append_markdown(args.out, "Run", command, notes, text, " (CPU smoke test)" if args.tiny else "")
+
 
 if __name__ == "__main__":
     main()

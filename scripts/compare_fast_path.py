@@ -31,6 +31,7 @@ import torch as th  # noqa: E402
 from guided_diffusion.bench_report import append_markdown, describe_machine  # noqa: E402
 from guided_diffusion.checkpoint_util import CheckpointError, load_checkpoint  # noqa: E402
 from guided_diffusion.fast_path import (  # noqa: E402
+    DTYPES,
     FastSelfAttentionGuidance,
     prepare_model,
     set_tf32,
@@ -81,7 +82,7 @@ def parse_path(spec):
         return "fp16", None
     precision, *parts = spec.split("+")
     unknown = [part for part in parts if part not in PARTS]
-    if precision not in ("fp32", "bf16", "fp16") or unknown or len(set(parts)) != len(parts):
+    if precision not in DTYPES or unknown or len(set(parts)) != len(parts):
         raise ValueError(f"--paths: cannot read {spec!r}; use orig_fp16 or fp32|bf16|fp16 "
                          f"followed by +parts from {', '.join(PARTS)} (e.g. bf16+tf32+nhwc+compile)")
     kwargs = dict(fast_attention=True, dtype=precision, allow_tf32="tf32" in parts,
