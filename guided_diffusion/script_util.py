@@ -2,6 +2,8 @@
 
 import argparse
 
+import torch as th
+
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
 from .sag import remember_sag_model
@@ -275,6 +277,22 @@ def create_classifier(
         resblock_updown=classifier_resblock_updown,
         pool=classifier_pool,
     )
+
+
+def randomize_weights_(module, std=0.02, seed=None):
+    """Overwrite every parameter with N(0, std^2) draws, in place; returns ``module``.
+
+    For benchmarks and agreement checks that run without trained weights: ADM zero-initialises
+    its output convolutions, so a freshly built network would predict eps = 0 and exercise
+    nothing. ``seed`` reseeds torch's global generator first; without it the draws continue the
+    current stream.
+    """
+    if seed is not None:
+        th.manual_seed(seed)
+    with th.no_grad():
+        for param in module.parameters():
+            param.normal_(0, std)
+    return module
 
 
 def sr_model_and_diffusion_defaults():

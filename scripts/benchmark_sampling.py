@@ -42,6 +42,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    randomize_weights_,
     str2bool,
 )
 
@@ -111,8 +112,7 @@ def build(layout, device, seed=0):
     kwargs.update(flags, timestep_respacing="250")
     th.manual_seed(seed)
     model, diffusion = create_model_and_diffusion(**kwargs)
-    for param in model.parameters():  # ADM zero-inits some layers; make every layer matter
-        param.data.normal_(0, 0.02)
+    randomize_weights_(model)
     return model.to(device).eval(), diffusion, kwargs
 
 
@@ -180,10 +180,7 @@ def build_cond_fn(layout, path, args, device):
     flags = classifier_defaults()
     flags.update(CLASSIFIERS[layout])
     th.manual_seed(2)
-    classifier = create_classifier(**flags)
-    for param in classifier.parameters():
-        param.data.normal_(0, 0.02)
-    classifier = classifier.to(device).eval()
+    classifier = randomize_weights_(create_classifier(**flags)).to(device).eval()
     prepare_path(path, classifier, args, device, compiled=False)
     return classifier_cond_fn(classifier, args.classifier_scale)
 

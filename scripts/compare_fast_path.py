@@ -100,9 +100,7 @@ def build_exact(args, device):
     model, diffusion = su.create_model_and_diffusion(
         **su.args_to_dict(args, su.model_and_diffusion_defaults().keys()))
     if args.model_path == "random":
-        th.manual_seed(args.seed)
-        for param in model.parameters():  # ADM zero-inits some layers; make every layer matter
-            param.data.normal_(0, 0.02)
+        su.randomize_weights_(model, seed=args.seed)
     else:
         load_checkpoint(model, args.model_path)
     return model.float().to(device).eval(), diffusion

@@ -22,7 +22,11 @@ from guided_diffusion.fast_path import (
     sag_class,
 )
 from guided_diffusion.sag import SelfAttentionGuidance, attention_colsum, gaussian_blur
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.script_util import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    randomize_weights_,
+)
 from guided_diffusion.unet import QKVAttention, QKVAttentionLegacy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +44,7 @@ def tiny(layout="legacy", respacing="ddim5", seed=0):
                  timestep_respacing=respacing, **LAYOUTS[layout])
     th.manual_seed(seed)
     model, diffusion = create_model_and_diffusion(**flags)
-    for param in model.parameters():  # random weights everywhere (ADM zero-inits some layers)
-        param.data.normal_(0, 0.05)
+    randomize_weights_(model, std=0.05)
     return model.eval(), diffusion
 
 
@@ -49,6 +52,22 @@ def inputs(seed=1):
     """x [2, 3, 32, 32], timesteps, labels."""
     gen = th.Generator().manual_seed(seed)
     return th.randn(2, 3, 32, 32, generator=gen), th.tensor([999, 500]), th.randint(0, 1000, (2,), generator=gen)
+
+
+def test_randomize_weights_reaches_zero_initialised_layers_and_is_seeded():
+    fresh, _ = create_model_and_diffusion(**dict(model_and_diffusion_defaults(), image_size=32, num_channels=32,
+                                                 channel_mult="1,1,1", attention_resolutions="16",
+                                                 num_res_blocks=1))
+    assert fresh.out[-1].weight.abs().max() == 0  # ADM's zero-initialised output conv
+    first = copy.deepcopy(fresh)
+    assert randomize_weights_(first, std=0.02, seed=3) is first
+    second = randomize_weights_(copy.deepcopy(fresh), std=0.02, seed=3)
+    assert first.out[-1].weight.abs().min() > 0
+    assert 0.015 < first.out[-1].weight.std().item() < 0.025
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert th.equal(a, b)
+    third = randomize_weights_(copy.deepcopy(fresh), std=0.02, seed=4)
+    assert not th.equal(first.out[-1].weight, third.out[-1].weight)
 
 
 def max_rel(a, b):
