@@ -48,12 +48,11 @@ def fast_path_flags(args):
 
 def set_tf32(enabled):
     """Allow (or forbid) TF32 for float32 matmuls and cuDNN convolutions."""
-    matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
-    if hasattr(matmul, "fp32_precision"):
-        matmul.fp32_precision = "tf32" if enabled else "ieee"
-        conv.fp32_precision = "tf32" if enabled else "ieee"
+    if hasattr(th.backends.cuda.matmul, "fp32_precision"):
+        setting = "tf32" if enabled else "ieee"
     else:  # older torch
-        matmul.allow_tf32 = th.backends.cudnn.allow_tf32 = bool(enabled)
+        setting = bool(enabled)
+    _write_tf32_state((setting, setting))
 
 
 def _tf32_state():
@@ -64,7 +63,8 @@ def _tf32_state():
     return matmul.allow_tf32, th.backends.cudnn.allow_tf32
 
 
-def _restore_tf32(state):
+def _write_tf32_state(state):
+    """Store a :func:`_tf32_state` pair back."""
     matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
     if hasattr(matmul, "fp32_precision"):
         matmul.fp32_precision, conv.fp32_precision = state
@@ -86,7 +86,7 @@ def tf32_mode(enabled):
     try:
         yield
     finally:
-        _restore_tf32(before)
+        _write_tf32_state(before)
 
 
 def prepare_model(model, fast_attention=False, dtype="fp32", allow_tf32=False, channels_last=False,

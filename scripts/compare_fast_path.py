@@ -116,7 +116,7 @@ def build_path(exact_model, spec, args):
     else:
         prepare_model(model, **kwargs)
         cls, allow_tf32 = FastSelfAttentionGuidance, kwargs["allow_tf32"]
-    set_tf32(False)
+    set_tf32(False)  # prepare_model set TF32 process-wide; each path's steps set their own
     guidance = cls(model, **guidance_kwargs(args))
     return model, guidance, (lambda: tf32_mode(allow_tf32)), fmt
 
@@ -178,7 +178,6 @@ def main(argv=None):
         sys.exit(f"error: {exc}")
     if args.guide_scale == 1.0:
         sys.exit("error: --guide_scale 1 turns SAG off: nothing to compare (use e.g. 1.5)")
-    set_tf32(False)
     try:
         exact_model, diffusion = build_exact(args, device)
         paths, formats = {}, {}
