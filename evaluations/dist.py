@@ -2,11 +2,9 @@
 (PMI_/OMPI_/PMIX_ rank variables present); a plain ``python`` run is one rank without MPI."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")
+from guided_diffusion.dist_util import launcher_variable
 
 
 class _SingleComm:
@@ -24,8 +22,8 @@ class _SingleComm:
 
 class Comm:
     def __init__(self):
-        if any(v in os.environ for v in _LAUNCHER_VARS):
-            from mpi4py import MPI
+        if launcher_variable():
+            from mpi4py import MPI  # ImportError, or RuntimeError when no MPI library loads
 
             self._c = MPI.COMM_WORLD
             self.rank, self.size = self._c.Get_rank(), self._c.Get_size()

@@ -27,6 +27,7 @@ from evaluations.features import available_extractors, build_extractor
 from evaluations.inception import PREPROCESSINGS, WEIGHTS_ENV
 from evaluations.npz_io import NpzImages, read_stored_statistics
 from evaluations.report import format_table, write_report
+from guided_diffusion.dist_util import mpi_unavailable_message
 
 
 def parse_args(argv=None):
@@ -188,8 +189,8 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     try:
         comm = Comm()
-    except ImportError as e:
-        print(f"error: launched under MPI but mpi4py is unavailable ({e})", file=sys.stderr)
+    except (ImportError, RuntimeError) as e:
+        print(f"error: {mpi_unavailable_message(e)}", file=sys.stderr)
         return 2
     try:
         evaluate(args, comm)

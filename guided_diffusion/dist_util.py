@@ -1,7 +1,8 @@
 """Process-group helpers (OpenAI API: setup_dist, dev, load_state_dict, sync_params).
 
-Ranks come from MPI (mpi4py) when it is installed; without it, or without mpiexec, everything
-runs as a single process.  torch.distributed (gloo on CPU, NCCL on GPU) is initialised only when
+Ranks come from MPI (mpi4py) when it loads; without it everything runs as a single process,
+unless an MPI launcher started this process: then a missing or broken mpi4py is a one-line error
+(every rank running as rank 0 would write the same files).  torch.distributed (gloo on CPU, NCCL on GPU) is initialised only when
 there is more than one rank.  Each process uses the GPU of its node-local rank.
 """
 
@@ -15,19 +16,39 @@ import torch.distributed as dist
 
 _COMM = None  # MPI.COMM_WORLD, or False when MPI is unavailable
 _LOCAL_RANK = 0
+# Set by mpiexec/mpirun (MPICH, Open MPI, PMIx, Intel MPI) and by srun --mpi=pmi2/pmix.
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")
+
+
+def launcher_variable():
+    """The environment variable showing that an MPI launcher started this process, or None."""
+    return next((v for v in _LAUNCHER_VARS if v in os.environ), None)
 
 
 def _comm():
-    """MPI.COMM_WORLD, or None when mpi4py is missing (single process)."""
+    """MPI.COMM_WORLD, or None when mpi4py cannot be used (single process).
+
+    mpi4py's binary wheels import but raise RuntimeError when no MPI library is installed, so
+    that counts as unavailable too.  Under an MPI launcher, unavailable MPI is fatal.
+    """
     global _COMM
     if _COMM is None:
         try:
             from mpi4py import MPI
 
             _COMM = MPI.COMM_WORLD
-        except ImportError:
+        except (ImportError, RuntimeError) as exc:
             _COMM = False
+            if launcher_variable():
+                raise SystemExit(f"error: {mpi_unavailable_message(exc)}") from None
     return _COMM or None
+
+
+def mpi_unavailable_message(exc):
+    """One line for an mpi4py that fails to import under an MPI launcher, naming the fix."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"started by an MPI launcher ({launcher_variable()} is set) but mpi4py cannot load "
+            f"MPI ({reason}); install an MPI runtime (pip install mpich) or run without mpiexec")
 
 
 def get_rank():

@@ -17,6 +17,8 @@ import os
 import numpy as np
 import torch as th
 
+from . import dist_util
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
 
@@ -65,12 +67,7 @@ def _rank_and_world():
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    try:
-        from mpi4py import MPI
-
-        return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    except ImportError:
-        return 0, 1
+    return dist_util.get_rank(), dist_util.get_world_size()
 
 
 def _read_npz(path):
