@@ -2,8 +2,9 @@
 
 Ranks come from MPI (mpi4py) when it loads; without it everything runs as a single process,
 unless an MPI launcher started this process: then a missing or broken mpi4py is a one-line error
-(every rank running as rank 0 would write the same files).  torch.distributed (gloo on CPU, NCCL on GPU) is initialised only when
-there is more than one rank.  Each process uses the GPU of its node-local rank.
+(every rank running as rank 0 would write the same files).  torch.distributed (gloo on CPU,
+NCCL on GPU) is initialised only when there is more than one rank.  Each process uses the GPU
+of its node-local rank.
 """
 
 import io
