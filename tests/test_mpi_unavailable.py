@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from guided_diffusion.dist_util import _LAUNCHER_VARS
+
 REPO = Path(__file__).resolve().parents[1]
-LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")
 
 FAILURES = {
     "no MPI library": 'raise RuntimeError("cannot load MPI library\\n/x/libmpi.so: cannot open shared object file")',
@@ -27,7 +28,7 @@ def broken_mpi_env(tmp_path, failure, launcher=None):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "MPI.py").write_text(FAILURES[failure] + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join([str(package.parent), str(REPO)])
     if launcher:
         env[launcher] = "0"
