@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,11 +56,6 @@ def make_random_inception(path: Path, seed: int = 0, with_nbt: bool = False):
         sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     torch.save(sd, path)
     return path
-
-
-def mpiexec() -> str | None:
-    cand = Path(sys.executable).parent / "mpiexec"
-    return str(cand) if cand.exists() else shutil.which("mpiexec")
 
 
 def run_cli(args, cwd=None, launcher=(), timeout=300):

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch as th
 
+from mpi_launcher import require_mpiexec
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-MPIEXEC = str(Path(PYTHON).with_name("mpiexec"))
 
 # A 32x32 model with attention at 16 and 8 (output depths 0-3), and a matching classifier.
 TINY_MODEL_FLAGS = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 "
@@ -61,11 +62,14 @@ def save_classifier(path, flags, randomize=True):
 
 def script_cmd(kind, flags, nproc=1):
     cmd = [PYTHON, str(REPO / "scripts" / f"{kind}_sample.py"), *map(str, flags)]
-    return ([MPIEXEC, "-n", str(nproc)] + cmd) if nproc > 1 else cmd
+    return ([require_mpiexec(), "-n", str(nproc)] + cmd) if nproc > 1 else cmd
 
 
 def script_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """The scripts' environment: one thread each, and presets (configs/*.sh, which read PYTHON)
+    run under the interpreter that runs the tests, not whatever `python` the PATH holds."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHON=PYTHON)
     env.pop("OPENAI_LOGDIR", None)
     return env
 

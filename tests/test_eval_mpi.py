@@ -10,7 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_helpers import REPO, make_random_inception, mpiexec  # noqa: E402
+from eval_helpers import REPO, make_random_inception  # noqa: E402
+from mpi_launcher import MISSING_REASON, mpiexec  # noqa: E402
 
 from evaluations import evaluator  # noqa: E402
 
@@ -38,7 +39,7 @@ sys.exit(evaluator.main({cli!r}))
 """
 
 
-@pytest.mark.skipif(mpiexec() is None, reason="mpiexec not found")
+@pytest.mark.skipif(mpiexec() is None, reason=MISSING_REASON)
 def test_mpi_two_ranks_equal_one(tmp_path):
     w = make_random_inception(tmp_path / "w.pth", seed=1)
     rng = np.random.RandomState(3)

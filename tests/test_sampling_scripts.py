@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from sampling_helpers import (REPO, TINY_CLASSIFIER_FLAGS, TINY_MODEL_FLAGS, TINY_SAMPLE_FLAGS,
-                              parse, run_script, save_classifier, save_model, snapshot, start_script)
+                              parse, run_script, save_classifier, save_model, script_env, snapshot,
+                              start_script)
 
 
 @pytest.fixture(scope="session")
@@ -141,13 +142,14 @@ def test_bad_inputs_give_one_line_and_touch_nothing(tmp_path, ckpts, capsys):
     ]
     for extra, needles in cases:
         one_error_line(run_in_process("image", flags("image", ckpts, fresh, *extra), capsys), *needles)
-    # As real processes (single and under mpiexec): one line, non-zero exit, no traceback.
+    # As real processes (single, then under mpiexec): one line, non-zero exit, no traceback.
     one_error_line(run_script("classifier", flags("classifier", ckpts, fresh, "--classifier_path",
                                                   str(tmp_path / "nope.pt"))), "classifier checkpoint not found")
+    assert snapshot(finished) == before
+    assert not fresh.exists()
     one_error_line(run_script("image", flags("image", ckpts, finished, "--num_samples", "2", "--seed", "8"),
                               nproc=2), "other arguments")
     assert snapshot(finished) == before
-    assert not fresh.exists()
 
 
 # ------------------------------------------------------------------ published command lines (CLI.md)
@@ -183,7 +185,7 @@ def preset_command(name, *extra, run=False):
     with --help), else from the variables it exports when sourced."""
     preset = REPO / "configs" / f"{name}.sh"
     if run:
-        result = subprocess.run(["bash", str(preset), *extra, "--help"],
+        result = subprocess.run(["bash", str(preset), *extra, "--help"], env=script_env(),
                                 capture_output=True, text=True, timeout=60, cwd=REPO)
         assert result.returncode == 0, result.stderr
         words = [line for line in result.stderr.splitlines() if line.startswith("+ ")][0].split()
