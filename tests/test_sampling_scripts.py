@@ -150,6 +150,7 @@ def test_bad_inputs_give_one_line_and_touch_nothing(tmp_path, ckpts, capsys):
     one_error_line(run_script("image", flags("image", ckpts, finished, "--num_samples", "2", "--seed", "8"),
                               nproc=2), "other arguments")
     assert snapshot(finished) == before
+    assert not fresh.exists()
 
 
 # ------------------------------------------------------------------ published command lines (CLI.md)
