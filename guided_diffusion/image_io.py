@@ -1,12 +1,13 @@
 """Image output: sample tensors to uint8, a streaming .npz writer, grids and a zlib-only PNG writer."""
 
 import io
-import os
 import struct
 import zipfile
 import zlib
 
 import numpy as np
+
+from . import durable
 
 
 def to_uint8_nhwc(x):
@@ -20,23 +21,18 @@ def to_uint8_nhwc(x):
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def write_npz_stream(path, members):
+def write_npz_stream(path, members, before_replace=None):
     """Write an ``np.load``-compatible .npz without holding whole arrays in memory.
 
     ``members`` is a list of ``(name, dtype, shape, chunks)``; ``chunks`` yields C-ordered arrays
     whose concatenation along axis 0 has exactly ``shape``.  Entries are stored uncompressed (as
     ``np.savez`` does) with a fixed timestamp, so equal arrays give byte-identical files.  The file
-    appears atomically (temp file + os.replace).
+    appears atomically and durably (``durable.atomic_write``, which also takes ``before_replace``).
     """
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with durable.atomic_write(path, before_replace=before_replace) as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, dtype, shape, chunks in members:
                 _write_npy_member(zf, name, np.dtype(dtype), tuple(shape), chunks)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_npy_member(zf, name, dtype, shape, chunks):
@@ -104,11 +100,8 @@ def encode_png(image):
 
 
 def write_png(path, image):
-    """Write ``image`` to ``path`` as PNG, atomically (temp file + os.replace)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(encode_png(image))
-    os.replace(tmp, path)
+    """Write ``image`` to ``path`` as PNG, atomically and durably."""
+    durable.write_bytes(path, encode_png(image))
 
 
 def read_png(path):

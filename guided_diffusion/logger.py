@@ -186,11 +186,10 @@ def _mpi_weighted_mean(comm, name2valcount):
 
 
 def get_rank_without_mpi_import():
-    """The MPI rank from the launcher's environment (0 when not launched by MPI)."""
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
+    """The rank from the launcher's environment (mpiexec, torchrun, srun; 0 without one)."""
+    from .dist_util import env_rank
+
+    return env_rank()
 
 
 def configure(dir=None, format_strs=None, comm=None, log_suffix=""):

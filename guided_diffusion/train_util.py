@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
-from . import dist_util, logger
+from . import dist_util, durable, logger
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -291,9 +291,9 @@ def open_data(args, class_cond, data_dir=None, **kw):
 
 
 def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    th.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` that leaves either the complete file or none, also after a crash."""
+    with durable.atomic_write(path) as f:
+        th.save(obj, f)
 
 
 def run_main(main):
