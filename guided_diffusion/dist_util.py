@@ -393,10 +393,11 @@ def load_state_dict(path, **kwargs):
     """Load a torch checkpoint (kwargs go to ``torch.load``), reading the file once per node.
 
     Local files are memory-mapped (torch >= 2.1), so the processes of one node share the OS page
-    cache.  Other paths (blobfile URLs) are read by rank 0 and broadcast over MPI in chunks (each
+    cache.  Only tensors and plain containers are unpickled (``weights_only``).  Other paths (blobfile URLs) are read by rank 0 and broadcast over MPI in chunks (each
     rank reads them itself without MPI).
     """
     kwargs.setdefault("map_location", "cpu")
+    kwargs.setdefault("weights_only", True)  # torch >= 2.6's default, explicit for older releases
     if os.path.exists(path):
         try:
             return th.load(path, mmap=True, **kwargs)

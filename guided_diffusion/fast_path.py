@@ -57,17 +57,17 @@ def set_tf32(enabled):
 
 def _tf32_state():
     """(matmul, convolution) TF32 settings as stored: precision names, or booleans (older torch)."""
-    matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
-    if hasattr(matmul, "fp32_precision"):
-        return matmul.fp32_precision, conv.fp32_precision
+    matmul = th.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch.backends.cudnn.conv exists only with it
+        return matmul.fp32_precision, th.backends.cudnn.conv.fp32_precision
     return matmul.allow_tf32, th.backends.cudnn.allow_tf32
 
 
 def _write_tf32_state(state):
     """Store a :func:`_tf32_state` pair back."""
-    matmul, conv = th.backends.cuda.matmul, th.backends.cudnn.conv
+    matmul = th.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
-        matmul.fp32_precision, conv.fp32_precision = state
+        matmul.fp32_precision, th.backends.cudnn.conv.fp32_precision = state
     else:
         matmul.allow_tf32, th.backends.cudnn.allow_tf32 = state
 

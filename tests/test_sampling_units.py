@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import sampling
+from guided_diffusion import run_dir, sample_flags, sampler_setup
 from guided_diffusion.checkpoint_util import CheckpointError, load_checkpoint
 from guided_diffusion.image_io import make_grid, read_png, write_npz_stream, write_png
 from sampling_helpers import TINY_MODEL_FLAGS, parse, randomize_
@@ -61,20 +61,20 @@ def test_image_sample_help_says_classifier_guidance_is_ignored(capsys):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_guide_scale_must_be_finite(value):
-    with pytest.raises(sampling.UsageError, match="finite"):
-        sampling.validate_args(parse("image", [f"--guide_scale={value}"]))
+    with pytest.raises(sample_flags.UsageError, match="finite"):
+        sample_flags.validate_args(parse("image", [f"--guide_scale={value}"]))
 
 
 # ------------------------------------------------------------------ seeds
 
 
 def test_batch_seed_is_fixed_arithmetic():
-    assert sampling.batch_seed(0, 0) == sampling.batch_seed(0, 0)
-    seeds = {sampling.batch_seed(s, b) for s in range(20) for b in range(200)}
+    assert sampler_setup.batch_seed(0, 0) == sampler_setup.batch_seed(0, 0)
+    seeds = {sampler_setup.batch_seed(s, b) for s in range(20) for b in range(200)}
     assert len(seeds) == 4000 and all(0 <= x < 2**63 for x in seeds)
     # torch's CPU generator only keeps the low 32 bits: they must differ too.
     assert len({x & 0xFFFFFFFF for x in seeds}) == 4000
-    assert sampling.batch_seed(123, 4) == 9157784838189187668  # pinned: resumable across versions
+    assert sampler_setup.batch_seed(123, 4) == 9157784838189187668  # pinned: resumable across versions
 
 
 # ------------------------------------------------------------------ run directory rules
@@ -82,59 +82,58 @@ def test_batch_seed_is_fixed_arithmetic():
 
 def test_run_dir_resume_and_refusal(tmp_path):
     out = tmp_path / "run"
-    args = parse("image", ["--output_dir", str(out), "--seed", "3"])
-    assert sampling.inspect_run_dir(args, "image") == (3, False)
+    args = lambda *flags: vars(parse("image", ["--output_dir", str(out), *flags]))  # noqa: E731
+    assert run_dir.check_identity(str(out), "image", args("--seed", "3")) is None
     out.mkdir()
-    sampling.write_run_files(args, "image")
+    run_dir.write_identity(str(out), "image", args("--seed", "3"))
     assert json.loads((out / "args.json").read_text())["args"]["seed"] == 3
     assert (out / "config.yaml").exists()
     # Same arguments (harmless ones may differ): resume.
-    same = parse("image", ["--output_dir", str(out), "--seed", "3", "--progress", "False"])
-    assert sampling.inspect_run_dir(same, "image") == (3, False)
+    assert run_dir.check_identity(str(out), "image", args("--seed", "3", "--progress", "False",
+                                                          "--force_unlock", "--save_grid", "4")) == 3
     # No --seed: the stored seed is adopted.
-    assert sampling.inspect_run_dir(parse("image", ["--output_dir", str(out)]), "image")[0] == 3
+    assert run_dir.check_identity(str(out), "image", args()) == 3
     # Other arguments, or the other script: refused, naming the difference.
-    with pytest.raises(sampling.UsageError, match="guide_scale"):
-        sampling.inspect_run_dir(parse("image", ["--output_dir", str(out), "--guide_scale", "2"]), "image")
-    with pytest.raises(sampling.UsageError, match="other arguments"):
-        sampling.inspect_run_dir(parse("image", ["--output_dir", str(out), "--seed", "4"]), "image")
-    with pytest.raises(sampling.UsageError, match="image_sample"):
-        sampling.inspect_run_dir(parse("classifier", ["--output_dir", str(out)]), "classifier")
-    # Finished run with the same args is reported as finished.
-    (out / sampling.npz_name(args)).write_bytes(b"x")
-    assert sampling.inspect_run_dir(args, "image") == (3, True)
+    with pytest.raises(run_dir.RunDirError, match="guide_scale"):
+        run_dir.check_identity(str(out), "image", args("--guide_scale", "2"))
+    with pytest.raises(run_dir.RunDirError, match="other arguments"):
+        run_dir.check_identity(str(out), "image", args("--seed", "4"))
+    with pytest.raises(run_dir.RunDirError, match="image_sample"):
+        run_dir.check_identity(str(out), "classifier", vars(parse("classifier", ["--output_dir", str(out)])))
 
 
 def test_run_dir_with_foreign_samples_is_refused(tmp_path):
     (tmp_path / "samples_10x64x64x3.npz").write_bytes(b"x")
-    with pytest.raises(sampling.UsageError, match="unknown run"):
-        sampling.inspect_run_dir(parse("image", ["--output_dir", str(tmp_path)]), "image")
+    with pytest.raises(run_dir.RunDirError, match="unknown run"):
+        run_dir.check_identity(str(tmp_path), "image", vars(parse("image", ["--output_dir", str(tmp_path)])))
 
 
 def test_default_output_dir_format():
     import re
 
-    assert re.fullmatch(r"RESULTS/\d{4}_\d\d_\d\d-(0\d|1[012])\d{4}_(AM|PM)", sampling.default_output_dir())
+    assert re.fullmatch(r"RESULTS/\d{4}_\d\d_\d\d-(0\d|1[012])\d{4}_(AM|PM)", run_dir.default_output_dir())
 
 
 # ------------------------------------------------------------------ shards and merge
 
 
 def test_shards_merge_in_global_order_and_cut(tmp_path):
-    args = parse("image", ["--output_dir", str(tmp_path), "--num_samples", "7", "--batch_size", "3",
-                           "--image_size", "4"])
-    (tmp_path / sampling.SHARD_DIR).mkdir()
+    layout = run_dir.Layout(str(tmp_path), num_samples=7, batch_size=3, image_size=4, with_labels=True)
+    (tmp_path / run_dir.SHARD_DIR).mkdir()
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8), np.arange(3) + 10 * b) for b in range(3)]
     for b in (2, 0, 1):  # completion order does not matter
-        sampling.write_shard(str(tmp_path), b, *batches[b])
-    assert sampling.finished_shards(str(tmp_path), 3) == [0, 1, 2]
-    path = sampling.merge_shards(args, 3, with_labels=True)
-    with np.load(path) as data:
+        run_dir.write_shard(layout, b, *batches[b])
+    assert layout.finished_batches() == [0, 1, 2] and layout.missing_batches() == []
+    run_dir.merge(layout)
+    with np.load(layout.final_path) as data:
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (7, 4, 4, 3)
         np.testing.assert_array_equal(data["arr_0"], np.concatenate([x for x, _ in batches])[:7])
         np.testing.assert_array_equal(data["arr_1"], [0, 1, 2, 10, 11, 12, 20])
         assert data["arr_1"].dtype == np.int64
+    assert run_dir.verify_final(layout) is None
+    assert (tmp_path / "samples_7x4x4x3.npz.sha256").read_text().split()[1] == "samples_7x4x4x3.npz"
+    np.testing.assert_array_equal(run_dir.first_images(layout, 2), batches[0][0][:2])
 
 
 def test_npz_stream_matches_savez_and_is_deterministic(tmp_path):
