@@ -38,8 +38,9 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 STORE_TIMEOUT = datetime.timedelta(minutes=10)  # reaching the rendezvous store at start-up
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # training's process group
-HEARTBEAT_SECONDS = 5.0
-PEER_SILENCE_SECONDS = 180.0  # a peer without a heartbeat for this long is taken for dead
+# A peer without a heartbeat for this long is taken for dead (SAG_ADM_PEER_TIMEOUT, seconds).
+PEER_SILENCE_SECONDS = float(os.environ.get("SAG_ADM_PEER_TIMEOUT", "180"))
+HEARTBEAT_SECONDS = min(5.0, PEER_SILENCE_SECONDS / 6)
 
 _GROUP = None
 _DEVICE = None

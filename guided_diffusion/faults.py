@@ -5,6 +5,8 @@ Test hook, not a user feature.  Nothing happens unless ``SAG_ADM_FAULT`` is set:
     SAG_ADM_FAULT=POINT[@N]     SIGKILL this process the N-th time (default 1st) it reaches POINT
     SAG_ADM_FAULT_RANK=R        only on rank R (default: every rank)
     SAG_ADM_FAULT_MODE=raise    raise RuntimeError instead (a crash in Python code, e.g. CUDA OOM)
+    SAG_ADM_FAULT_MODE=stop     SIGSTOP instead (a run that hangs, or is alive but slow: SIGCONT
+                                lets it go on)
 
 Points of the sampling driver (guided_diffusion/sampling.py, run_dir.py):
 
@@ -38,6 +40,7 @@ def point(name):
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] != int(nth or 1):
         return
-    if os.environ.get(f"{ENV}_MODE") == "raise":
+    mode = os.environ.get(f"{ENV}_MODE", "kill")
+    if mode == "raise":
         raise RuntimeError(f"{ENV}: injected failure at {name!r}")
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if mode == "stop" else signal.SIGKILL)

@@ -80,13 +80,6 @@ def run_script(kind, flags, nproc=1, timeout=300, cwd=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_script(kind, flags, nproc=1, cwd=None):
-    """Start a sampling script in its own process group (so a test can SIGKILL all of it)."""
-    return subprocess.Popen(script_cmd(kind, flags, nproc), env=script_env(), cwd=cwd or REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
 def snapshot(directory):
     """{relative path: bytes} of every file under ``directory``."""
     directory = Path(directory)

@@ -1,18 +1,16 @@
 """End-to-end tests of scripts/image_sample.py and scripts/classifier_sample.py on tiny models:
-MPI runs, rank-count independence, crash + resume, error lines, published command lines."""
+MPI runs, rank-count independence, error lines, published command lines (crash + resume, locks
+and the other launchers: test_run_resilience.py)."""
 
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sampling_helpers import (REPO, TINY_CLASSIFIER_FLAGS, TINY_MODEL_FLAGS, TINY_SAMPLE_FLAGS,
-                              parse, run_script, save_classifier, save_model, script_env, snapshot,
-                              start_script)
+                              parse, run_script, save_classifier, save_model, script_env, snapshot)
 
 
 @pytest.fixture(scope="session")
@@ -82,28 +80,6 @@ def test_fp16_weights_on_cpu_sample_with_a_warning(tmp_path, ckpts):
     assert npz(tmp_path / "h", 1).is_file()
     ok(run_script("image", flags("image", ckpts, tmp_path / "f", *extra[2:])))
     assert "warning" not in (tmp_path / "f" / "log.txt").read_text()
-
-
-def test_sigkill_then_resume_gives_identical_npz(tmp_path, ckpts):
-    extra = ["--num_samples", "8", "--batch_size", "1"]
-    ok(run_script("image", flags("image", ckpts, tmp_path / "ref", *extra)))
-    out = tmp_path / "killed"
-    proc = start_script("image", flags("image", ckpts, out, *extra))
-    deadline = time.time() + 120
-    while len(list((out / "shards").glob("batch_*.npz"))) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in (out / "shards").glob("batch_*.npz"))
-    assert 2 <= len(done) < 8 and not npz(out, 8).exists()
-    kept = {name: (out / "shards" / name).read_bytes() for name in done}
-    resumed = ok(run_script("image", flags("image", ckpts, out, *extra), nproc=2))  # other rank count
-    assert f"{len(done)} batch(es) already done" in (out / "log.txt").read_text()
-    assert npz(out, 8).read_bytes() == npz(tmp_path / "ref", 8).read_bytes()
-    assert kept and not (out / "shards").exists(), resumed.stdout
-    # A finished run re-run with the same command does nothing.
-    again = ok(run_script("image", flags("image", ckpts, out, *extra)))
-    assert "already complete" in again.stdout
 
 
 def one_error_line(result, *needles):
