@@ -88,7 +88,8 @@ def run(args, kind):
     from . import logger
 
     validate_args(args)
-    dist_util.init_ranks()
+    # --gpu / --gpu_offset (the PAG scripts' device flags) where the parser has them.
+    dist_util.init_ranks(getattr(args, "gpu", None), getattr(args, "gpu_offset", None))
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     plan = dist_util.broadcast_object(_inspect(args, kind) if rank == 0 else None)
     if isinstance(plan, str):
