@@ -18,7 +18,8 @@ import pytest
 import torch as th
 
 from guided_diffusion.checkpoint_util import load_checkpoint
-from guided_diffusion.fast_path import FastSelfAttentionGuidance, prepare_model, tf32_enabled, tf32_mode
+from guided_diffusion.fast_path import (FastSelfAttentionGuidance, _tf32_state, prepare_model, tf32_enabled,
+                                       tf32_mode)
 from guided_diffusion.path_agreement import compare_sag_steps, summarize
 from guided_diffusion.sag import SelfAttentionGuidance
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -188,8 +189,6 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 
 def test_tf32_mode_restores_the_exact_settings():
-    from guided_diffusion.fast_path import _tf32_state
-
     before = _tf32_state()
     with tf32_mode(True):
         assert tf32_enabled()
