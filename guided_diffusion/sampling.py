@@ -40,14 +40,15 @@ def _inspect(args, kind):
         stored_seed = run_dir.check_identity(args.output_dir, kind, vars(args))
         seed = args.seed if args.seed is not None else stored_seed
         layout = Layout.from_args(args, labels_drawn(args, kind))
-        problem = run_dir.verify_final(layout)
-        complete = problem is None and not os.path.isdir(layout.shard_dir)
+        complete = run_dir.is_complete(layout)
         if not complete:
             run_dir.check_lock(args.output_dir, args.force_unlock)
     except RunDirError as exc:
         return str(exc)
+    # No model for a run whose final file verifies and only needs its shards removed.
+    needs_model = not complete and bool(layout.missing_batches()) and run_dir.verify_final(layout) is not None
     return dict(output_dir=args.output_dir, seed=random_seed() if seed is None else seed,
-                complete=complete, needs_model=problem is not None and bool(layout.missing_batches()))
+                complete=complete, needs_model=needs_model)
 
 
 def _open(args, kind, layout):
