@@ -171,25 +171,31 @@ class _Store:
         for peer in range(self.size):
             count = store.add(f"beat/{peer}", 0)
             last = self._last_beats.get(peer)
+            # A peer still starting up (no beat yet) gets as long as reaching the store may take.
+            allowed = PEER_SILENCE_SECONDS if count else STORE_TIMEOUT.total_seconds()
             if last is None or last[0] != count:
                 self._last_beats[peer] = (count, now)
-            elif now - last[1] > PEER_SILENCE_SECONDS:
+            elif now - last[1] > allowed:
                 raise SystemExit(f"error: stopping rank {self.rank}: rank {peer} stopped responding "
-                                 f"(no heartbeat for {PEER_SILENCE_SECONDS:.0f} s)")
+                                 f"(no heartbeat for {allowed:.0f} s)")
 
     def _wait(self, key, tick=None):
-        """Block until ``key`` exists; exit if a peer aborted or went silent."""
+        """Block until ``key`` exists; exit if a peer aborted or went silent, or the store is gone."""
         store, pause, next_check = self.store, 0.01, 0.0
-        while not store.check([key]):
-            if store.check(["abort"]):
-                raise SystemExit(f"error: stopping rank {self.rank}: {store.get('abort').decode()}")
-            if time.monotonic() >= next_check:
-                self._check_peers(store)
-                next_check = time.monotonic() + HEARTBEAT_SECONDS
-                if tick is not None:
-                    tick()
-            time.sleep(pause)
-            pause = min(2 * pause, 0.5)
+        try:
+            while not store.check([key]):
+                if store.check(["abort"]):
+                    raise SystemExit(f"error: stopping rank {self.rank}: {store.get('abort').decode()}")
+                if time.monotonic() >= next_check:
+                    self._check_peers(store)
+                    next_check = time.monotonic() + HEARTBEAT_SECONDS
+                    if tick is not None:
+                        tick()
+                time.sleep(pause)
+                pause = min(2 * pause, 0.5)
+        except RuntimeError as exc:  # the store's host (rank 0, or torchrun's agent) is gone
+            raise SystemExit(f"error: stopping rank {self.rank}: lost the rendezvous store "
+                             f"({str(exc).strip().splitlines()[0]})") from None
 
     def bcast(self, obj):
         self._seq += 1
