@@ -28,6 +28,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 
 import torch as th
 import torch.distributed as dist
@@ -405,7 +406,10 @@ def load_state_dict(path, **kwargs):
     """
     kwargs.setdefault("map_location", "cpu")
     kwargs.setdefault("weights_only", True)  # torch >= 2.6's default, explicit for older releases
-    if os.path.exists(path):
+    with warnings.catch_warnings():  # torch 2.1-2.2 warn about their own internal TypedStorage use
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        if not os.path.exists(path):
+            return th.load(io.BytesIO(_read_broadcast(path)), **kwargs)
         try:
             return th.load(path, mmap=True, **kwargs)
         except TypeError:  # torch < 2.1: no mmap argument
@@ -414,7 +418,6 @@ def load_state_dict(path, **kwargs):
             if "mmap" not in str(exc):
                 raise
             return th.load(path, **kwargs)
-    return th.load(io.BytesIO(_read_broadcast(path)), **kwargs)
 
 
 def _read_url(path):

@@ -46,30 +46,33 @@ def fast_path_flags(args):
     return {key: get(key, default) for key, default in fast_path_defaults().items()}
 
 
+def _precision_names():
+    """Whether this torch sets TF32 through ``fp32_precision`` names (else ``allow_tf32`` booleans)."""
+    try:
+        return hasattr(th.backends.cuda.matmul, "fp32_precision")
+    except AssertionError:  # torch <= 2.3: the cuBLAS settings raise this for unknown names
+        return False
+
+
 def set_tf32(enabled):
     """Allow (or forbid) TF32 for float32 matmuls and cuDNN convolutions."""
-    if hasattr(th.backends.cuda.matmul, "fp32_precision"):
-        setting = "tf32" if enabled else "ieee"
-    else:  # older torch
-        setting = bool(enabled)
+    setting = ("tf32" if enabled else "ieee") if _precision_names() else bool(enabled)
     _write_tf32_state((setting, setting))
 
 
 def _tf32_state():
     """(matmul, convolution) TF32 settings as stored: precision names, or booleans (older torch)."""
-    matmul = th.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch.backends.cudnn.conv exists only with it
-        return matmul.fp32_precision, th.backends.cudnn.conv.fp32_precision
-    return matmul.allow_tf32, th.backends.cudnn.allow_tf32
+    if _precision_names():  # torch.backends.cudnn.conv exists only with them
+        return th.backends.cuda.matmul.fp32_precision, th.backends.cudnn.conv.fp32_precision
+    return th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32
 
 
 def _write_tf32_state(state):
     """Store a :func:`_tf32_state` pair back."""
-    matmul = th.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        matmul.fp32_precision, th.backends.cudnn.conv.fp32_precision = state
+    if _precision_names():
+        th.backends.cuda.matmul.fp32_precision, th.backends.cudnn.conv.fp32_precision = state
     else:
-        matmul.allow_tf32, th.backends.cudnn.allow_tf32 = state
+        th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32 = state
 
 
 def tf32_enabled():
