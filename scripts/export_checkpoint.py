@@ -15,6 +15,10 @@ import sys
 
 import torch as th
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import durable  # noqa: E402
+
 
 def export(state, keep_classes=0):
     """float32 copy of ``state``; with ``keep_classes`` the per-class rows are cut to that many."""
@@ -44,7 +48,8 @@ def main():
         state = th.load(args.source, map_location="cpu", weights_only=True)
     except Exception as exc:
         sys.exit(f"error: cannot read {args.source}: {type(exc).__name__}: {exc}")
-    th.save(export(state, args.keep_classes), args.target)
+    with durable.atomic_write(args.target) as f:
+        th.save(export(state, args.keep_classes), f)
     print(f"wrote {args.target}")
 
 
