@@ -101,6 +101,10 @@ class Layout:
     def missing_batches(self):
         return [b for b in range(self.num_batches) if not os.path.exists(self.shard_path(b))]
 
+    def shard_files(self):
+        """Every shard file (and shard temp file, also of older versions) in the shard dir."""
+        return glob.glob(os.path.join(glob.escape(self.shard_dir), "batch_*")) + durable.stale_temps(self.shard_dir)
+
     def members(self):
         """(name, dtype, shape) of each array the final file holds."""
         size = self.image_size
@@ -432,7 +436,7 @@ def verify_final(layout, path=None):
 
 def is_complete(layout):
     """The final file verifies and no shards are left: nothing to do.  Reads only."""
-    return not os.path.isdir(layout.shard_dir) and verify_final(layout) is None
+    return not layout.shard_files() and verify_final(layout) is None
 
 
 def open_run(layout, warn=_stderr):
@@ -483,16 +487,11 @@ def merge(layout):
 
 
 def remove_shards(layout):
-    for b in range(layout.num_batches):
-        try:
-            os.remove(layout.shard_path(b))
-        except FileNotFoundError:
-            pass
-    for tmp in durable.stale_temps(layout.shard_dir):
-        os.remove(tmp)
+    for path in layout.shard_files():
+        os.remove(path)
     try:
         os.rmdir(layout.shard_dir)
-    except FileNotFoundError:
+    except OSError:  # absent, or holding files that are not ours
         pass
     durable.fsync_dir(layout.directory)
 

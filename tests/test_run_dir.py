@@ -118,6 +118,14 @@ def test_a_broken_final_file_without_shards_means_sampling_again(tmp_path):
     assert "sampling its 3 missing batch(es) again" in warnings[0]
 
 
+def test_leftover_shard_files_keep_a_run_incomplete_until_removed(tmp_path):
+    layout = finished_layout(tmp_path)
+    open(os.path.join(layout.shard_dir, "batch_000001.tmp4242.npz"), "wb").close()  # an older version's temp
+    assert run_dir.verify_final(layout) is None and not run_dir.is_complete(layout)
+    run_dir.finalize(layout)
+    assert run_dir.is_complete(layout) and not os.path.exists(layout.shard_dir)
+
+
 def test_finalize_refuses_to_merge_with_missing_shards(tmp_path):
     layout = finished_layout(tmp_path)
     os.remove(layout.final_path)
