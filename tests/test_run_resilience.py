@@ -48,6 +48,7 @@ def launch(model, out, nproc=1, **extra):
 
 def run_here(model, out, capsys, *extra):
     """The script's main in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from guided_diffusion import logger
     from guided_diffusion.sampling import main
 
     code = 0
@@ -55,6 +56,8 @@ def run_here(model, out, capsys, *extra):
         main("image", [str(a) for a in flags(model, out) + list(extra)])
     except SystemExit as exc:
         code = exc.code
+    finally:
+        logger.reset()  # the run logged to this test's captured stdout and the run's files
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
