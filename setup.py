@@ -7,8 +7,10 @@ setup(
                 "with a TensorFlow-free evaluator",
     packages=find_packages(include=["guided_diffusion", "guided_diffusion.*", "evaluations", "evaluations.*"]),
     python_requires=">=3.9",
-    # torch is installed first by scripts/setup_env.sh (torch==2.13.0 CPU here); any 2.x works.
-    install_requires=["torch>=2.0", "numpy", "scipy", "tqdm", "blobfile", "mpi4py", "pyyaml"],
+    # torch is installed first by scripts/setup_env.sh (torch==2.13.0 CPU here).  2.5 is the
+    # oldest release the test suite passed on (2.5.1; 2.4.1 fails --compile with SAG, 2.1.2 also
+    # fp16 convolutions on the CPU): see README, "Running on a SLURM cluster".
+    install_requires=["torch>=2.5", "numpy", "scipy", "tqdm", "blobfile", "mpi4py", "pyyaml"],
     extras_require={
         "mpi": ["mpich"],  # an MPI runtime (mpiexec) inside the virtual environment
         "images": ["pillow"],  # image-folder datasets for training
