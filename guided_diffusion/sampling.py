@@ -32,6 +32,7 @@ from .fast_path import (
     sag_class,
 )
 from .image_io import make_grid, to_uint8_nhwc, write_npz_stream, write_png
+from .sampler_choice import add_solver_arguments, describe_sampler, sampling_loop, validate_solver_args
 
 # Arguments that change nothing in the samples; a resumed run may use other values.
 HARMLESS_ARGS = ("output_dir", "progress", "step_progress", "save_grid")
@@ -85,6 +86,7 @@ def create_argparser(kind):
     speed = parser.add_argument_group(
         "speed (GPU fast path; defaults keep the exact float32 path, see docs/benchmarks.md)")
     su.add_dict_to_argparser(speed, fast_path_defaults())
+    add_solver_arguments(parser)  # --sampler, --sampler_steps, --solver_* (sampler_choice.py)
     _set_help(parser, "--classifier_guidance",
               "ignored by image_sample.py (accepted for compatibility with the original)"
               if kind == "image" else "apply classifier guidance with --classifier_scale")
@@ -125,6 +127,10 @@ def validate_args(args):
         raise UsageError("--num_samples and --batch_size must be at least 1")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {args.seed}")
+    try:
+        validate_solver_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc))
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -331,7 +337,7 @@ def sample_batch(args, sampler, batch, draws_labels):
         model_kwargs["y"] = classes
         labels = classes.cpu().numpy().astype(np.int64)
     noise = th.randn(*shape, device=device)
-    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    loop = sampling_loop(diffusion, args)  # --sampler / --use_ddim (sampler_choice.py)
     sample = loop(model_fn, shape, noise=noise, clip_denoised=args.clip_denoised,
                   model_kwargs=model_kwargs, cond_fn=cond_fn, device=device,
                   progress=args.step_progress and dist_util.get_rank() == 0, guidance=guidance)
@@ -444,6 +450,7 @@ def run(args, kind):
     note(f"{kind}_sample: {args.num_samples} samples in {num_batches} batches of "
                f"{args.batch_size}, seed {args.seed}, {world} rank(s), "
                f"{num_batches - len(pending)} batch(es) already done; output {args.output_dir}")
+    note(describe_sampler(args))
     if dist_util.dev().type == "cpu" and (args.use_fp16 or getattr(args, "classifier_use_fp16", False)):
         note("warning: fp16 weights on a CPU: half-precision convolutions are very slow on most CPUs "
              "(minutes per UNet pass at 128x128); pass --use_fp16 False (and --classifier_use_fp16 "
