@@ -455,8 +455,9 @@ class GaussianDiffusion:
                                       progress=False, guidance=None, guidance_kwargs=None,
                                       lambda_min_clipped=None):
         """Yield every step of UniPC (B(h) predictor with a corrector on every evaluated sample;
-        ``solver_type`` "bh2" or "bh1"; default lambda clipping: none). Otherwise as
-        ``dpm_solver_sample_loop_progressive``."""
+        ``solver_type`` "bh2" or "bh1"). Otherwise as ``dpm_solver_sample_loop_progressive``
+        (diffusers' UniPC does not clip lambda: pass ``lambda_min_clipped=-math.inf`` to match it
+        on the cosine schedule)."""
         from .multistep import UniPC
 
         yield from self._multistep(UniPC(order, solver_type), model, shape, noise, steps, spacing,

@@ -26,8 +26,10 @@ step of at most second order before it below 15 steps; UniPC lowers the order at
 (``min(order, steps left)``) and corrects every sample it evaluated the model at except the
 last one; UniPC's order-2 predictor and order-1 corrector use the fixed weight 1/2. Differences:
 our coefficients are float64 (diffusers: float32), applied to float32 tensors as
-``_extract_into_tensor`` applies the schedule, and a first-order UniPC ``bh1`` step into a zero
-terminal returns x0 where diffusers produces NaN (``-inf * 0``).
+``_extract_into_tensor`` applies the schedule; a first-order UniPC ``bh1`` step into a zero
+terminal returns x0 where diffusers produces NaN (``-inf * 0``); and on the cosine schedule
+both solvers skip the timesteps with lambda < -5.1 by default, as diffusers' DPM-Solver++ is
+configured for it (diffusers' UniPC has no such option: ``lambda_min_clipped=-inf`` matches it).
 """
 
 import math
@@ -44,8 +46,10 @@ FINALS = ("zero", "sigma_min")
 DPM_SOLVER_TYPES = ("midpoint", "heun")
 UNIPC_SOLVER_TYPES = ("bh2", "bh1")
 MAX_ORDER = 3
-# lambda_min_clipped for the cosine schedule (diffusers' DeepFloyd-IF setting): skips its last
-# four timesteps (lambda -5.37 .. -9.92); clips nothing of the linear schedule (min -5.06).
+# Default lambda_min_clipped on the cosine schedule (diffusers' DPM-Solver++ setting for it):
+# skips its last four timesteps (lambda -5.37 .. -9.92), where x0 = (x - sigma eps) / alpha
+# divides by alpha < 1e-2 (UniPC from t = 999 saturates the bundled cosine model's samples).
+# It would clip nothing of the linear schedule (min -5.06).
 COSINE_LAMBDA_MIN = -5.1
 # Below this many steps DPM-Solver++ lowers the order of its last two steps (diffusers).
 LOWER_ORDER_FINAL_BELOW = 15
@@ -320,9 +324,6 @@ class DPMSolverPP:
     def __init__(self, order=2, solver_type="midpoint"):
         self.order, self.solver_type = _check_order(order), _check_type(solver_type, self)
 
-    def default_lambda_min(self, diffusion):
-        return COSINE_LAMBDA_MIN if _is_cosine(diffusion) else -math.inf
-
     def orders(self, steps, final):
         return dpm_solver_orders(steps, self.order, final)
 
@@ -341,9 +342,6 @@ class UniPC:
 
     def __init__(self, order=2, solver_type="bh2"):
         self.order, self.solver_type = _check_order(order), _check_type(solver_type, self)
-
-    def default_lambda_min(self, diffusion):
-        return -math.inf  # diffusers' UniPC has no lambda clipping
 
     def orders(self, steps, final):
         return unipc_orders(steps, self.order)
@@ -400,7 +398,7 @@ class SolverPlan:
     def build(cls, diffusion, method, steps=20, spacing="linspace", final="zero", lambda_min_clipped=None):
         check_base_diffusion(diffusion, f"{method.name}")
         if lambda_min_clipped is None:
-            lambda_min_clipped = method.default_lambda_min(diffusion)
+            lambda_min_clipped = COSINE_LAMBDA_MIN if _is_cosine(diffusion) else -math.inf
         timesteps = solver_timesteps(diffusion.alphas_cumprod, steps, spacing, lambda_min_clipped)
         levels = NoiseLevels.build(diffusion.alphas_cumprod, timesteps, final)
         return cls(levels, tuple(method.orders(levels.steps, final)))
