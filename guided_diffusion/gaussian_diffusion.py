@@ -5,8 +5,7 @@ numpy arrays; every use indexes them with ``t`` and casts the picked values to f
 the per-pixel arithmetic, exactly as the reference does.
 
 Self-attention guidance plugs in at one place, :meth:`GaussianDiffusion.p_mean_variance`
-(``guidance=``), so the DDPM and DDIM samplers and the multistep solvers (DPM-Solver++, UniPC;
-``multistep.py``) share it; see ``sag.py``.
+(``guidance=``), so the DDPM and DDIM samplers share it; see ``sag.py``.
 """
 
 import enum
@@ -322,7 +321,8 @@ class GaussianDiffusion:
     def ddim_prediction(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
                         model_kwargs=None, guidance=None, guidance_kwargs=None):
         """The outputs a DDIM step builds on: ``p_mean_variance`` (guidance, clip), then classifier
-        guidance on the score. Its ``pred_xstart`` is also the multistep solvers' data prediction."""
+        guidance on the score. Its ``pred_xstart`` is also the data prediction of the multistep
+        solvers (DPM-Solver++, UniPC; ``multistep.py``), so every guidance serves them too."""
         with _resolved_guidance(self, model, guidance, guidance_kwargs) as guidance:
             out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs, guidance)
         if cond_fn is not None:

@@ -86,7 +86,6 @@ def create_argparser(kind):
     speed = parser.add_argument_group(
         "speed (GPU fast path; defaults keep the exact float32 path, see docs/benchmarks.md)")
     su.add_dict_to_argparser(speed, fast_path_defaults())
-    add_solver_arguments(parser)  # --sampler, --sampler_steps, --solver_* (sampler_choice.py)
     _set_help(parser, "--classifier_guidance",
               "ignored by image_sample.py (accepted for compatibility with the original)"
               if kind == "image" else "apply classifier guidance with --classifier_scale")
@@ -94,6 +93,7 @@ def create_argparser(kind):
     _set_help(parser, "--guide_start", "apply SAG at respaced steps t < guide_start")
     _set_help(parser, "--sag_heads", "'reference' (num_heads flag, legacy split) or 'model'")
     _set_help(parser, "--batch_size", "images per global batch (one batch per rank at a time)")
+    add_solver_arguments(parser)  # --sampler, --sampler_steps, --solver_* (sampler_choice.py)
     parser.add_argument("--output_dir", default="",
                         help="run directory (default: RESULTS/<UTC time>); re-running with the "
                         "same arguments and directory resumes the run")

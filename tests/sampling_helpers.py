@@ -1,8 +1,10 @@
 """Helpers for the sampling-script tests: tiny random checkpoints and script runners."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch as th
@@ -91,3 +93,15 @@ def snapshot(directory):
     """{relative path: bytes} of every file under ``directory``."""
     directory = Path(directory)
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def kill_after_shards(proc, out_dir, count=2, timeout=120):
+    """SIGKILL a started script's process group once ``count`` shards exist in ``out_dir``;
+    returns the names of the shards that were finished."""
+    shards = Path(out_dir) / "shards"
+    deadline = time.time() + timeout
+    while len(list(shards.glob("batch_*.npz"))) < count and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return sorted(p.name for p in shards.glob("batch_*.npz"))

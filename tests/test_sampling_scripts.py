@@ -2,17 +2,15 @@
 MPI runs, rank-count independence, crash + resume, error lines, published command lines."""
 
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sampling_helpers import (REPO, TINY_CLASSIFIER_FLAGS, TINY_MODEL_FLAGS, TINY_SAMPLE_FLAGS,
-                              parse, run_script, save_classifier, save_model, script_env, snapshot,
-                              start_script)
+                              kill_after_shards, parse, run_script, save_classifier, save_model,
+                              script_env, snapshot, start_script)
 
 
 @pytest.fixture(scope="session")
@@ -89,12 +87,7 @@ def test_sigkill_then_resume_gives_identical_npz(tmp_path, ckpts):
     ok(run_script("image", flags("image", ckpts, tmp_path / "ref", *extra)))
     out = tmp_path / "killed"
     proc = start_script("image", flags("image", ckpts, out, *extra))
-    deadline = time.time() + 120
-    while len(list((out / "shards").glob("batch_*.npz"))) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in (out / "shards").glob("batch_*.npz"))
+    done = kill_after_shards(proc, out)
     assert 2 <= len(done) < 8 and not npz(out, 8).exists()
     kept = {name: (out / "shards" / name).read_bytes() for name in done}
     resumed = ok(run_script("image", flags("image", ckpts, out, *extra), nproc=2))  # other rank count

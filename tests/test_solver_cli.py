@@ -2,10 +2,7 @@
 one-line errors that write nothing, the solver presets, and SAG + classifier guidance through
 DPM-Solver++ under mpiexec -n 2 = one rank = a killed-and-resumed run."""
 
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +10,9 @@ import pytest
 
 from guided_diffusion import sampling
 from guided_diffusion.sampler_choice import describe_sampler, resolve_sampler, sampling_loop
-from sampling_helpers import (REPO, TINY_CLASSIFIER_FLAGS, TINY_MODEL_FLAGS, TINY_SAMPLE_FLAGS, parse,
-                              run_script, save_classifier, save_model, snapshot, start_script)
+from sampling_helpers import (PYTHON, REPO, TINY_CLASSIFIER_FLAGS, TINY_MODEL_FLAGS, TINY_SAMPLE_FLAGS,
+                              kill_after_shards, parse, run_script, save_classifier, save_model, snapshot,
+                              start_script)
 
 SOLVER_FLAGS = ["--sampler", "dpm++", "--sampler_steps", "4"]
 
@@ -149,12 +147,7 @@ def test_dpm_solver_with_sag_and_classifier_guidance_two_ranks_and_resume(tmp_pa
 
     out = tmp_path / "killed"
     proc = start_script("classifier", flags(ckpts, out, *RUN))
-    deadline = time.time() + 120
-    while len(list((out / "shards").glob("batch_*.npz"))) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in (out / "shards").glob("batch_*.npz"))
+    done = kill_after_shards(proc, out)
     assert 2 <= len(done) < 5 and not (out / NPZ).exists()
     resumed = run_script("classifier", flags(ckpts, out, *RUN))
     assert resumed.returncode == 0, resumed.stderr
@@ -177,3 +170,10 @@ def test_solver_presets(name):
     assert (choice["sampler"], choice["steps"], choice["order"]) == ("dpm++", 20, 2)
     assert args.guide_start >= 20 and args.timestep_respacing == "" and args.num_samples == 10000
     assert Path(REPO / "configs" / f"{name}.sh").read_text().count("run_preset classifier_sample.py") == 1
+
+
+def test_visualize_sag_refuses_the_solver_flags():
+    """scripts/visualize_sag.py draws DDPM/DDIM runs only: the sampler flags it inherits are refused."""
+    proc = subprocess.run([PYTHON, str(REPO / "scripts" / "visualize_sag.py"), "--sampler", "dpm++"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "this script draws DDPM or DDIM runs only" in proc.stderr

@@ -249,6 +249,29 @@ def test_order_one_on_ddim10_reproduces_the_sag_ddim_golden(golden_dir):
     np.testing.assert_allclose(steps[-1]["sample"].numpy(), case.expected("sample"), rtol=0, atol=5e-3)
 
 
+def test_order_one_on_ddim10_reproduces_the_pag_ddim_golden(golden_dir):
+    """The same for PAG (the original PAG code's ddim10 trajectory, window [10, 0]), where the
+    PAG guidance exists (skipped otherwise)."""
+    pag = pytest.importorskip("guided_diffusion.pag")
+    path = golden_dir / "pag" / "ddim10_pag.npz"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    data = np.load(path)
+    meta = json.loads(str(data["meta_json"]))
+    model, diffusion = golden_unet(dict(meta["model_flags"], timestep_respacing=""),
+                                   golden_dir / "pag" / meta["unet_weights"])
+    guidance = pag.PerturbedAttentionGuidance(
+        model, guide_scale=meta["cli"]["guide_scale"], drop_layers=meta["cli"]["drop_layers"],
+        guidance_window=meta["cli"]["guidance_strategies"]["attention_mask_identity"])
+    with guidance:
+        steps = list(diffusion.dpm_solver_sample_loop_progressive(
+            model, (2, 3, 32, 32), noise=th.from_numpy(data["in__noise"]), order=1, spacing="ddim10",
+            model_kwargs={"y": th.from_numpy(data["in__y"])}, guidance=guidance))
+    assert [int(s["t"][0]) for s in steps] == list(range(900, -1, -100))
+    for k, out in enumerate(steps):
+        np.testing.assert_allclose(out["sample"].numpy(), data["out__samples_per_step"][k], rtol=0, atol=1e-3)
+
+
 def test_order_one_equals_our_ddim_with_a_sag_window_and_classifier_guidance():
     """SAG switching on mid-run (guide_start compared with the respaced index N-1-k) and
     classifier guidance (condition_score, no re-clip) through the solver at order 1 give our
