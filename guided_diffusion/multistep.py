@@ -376,12 +376,12 @@ def _is_cosine(diffusion):
 # ---------------------------------------------------------------------------------- the loop
 
 
-def check_base_diffusion(diffusion, what="the multistep solvers"):
+def check_base_diffusion(diffusion, what="a multistep solver"):
     """Refuse a respaced diffusion: the solvers read the model's full schedule at raw timesteps."""
     timestep_map = getattr(diffusion, "timestep_map", None)
     if timestep_map is not None and list(timestep_map) != list(range(diffusion.original_num_steps)):
         raise ValueError(
-            f"{what} run on the model's own schedule, but this diffusion is respaced to "
+            f"{what} samples on the model's full schedule, but this diffusion is respaced to "
             f"{len(timestep_map)} of {diffusion.original_num_steps} timesteps: build it without "
             "timestep_respacing and choose the solver's timesteps with steps= and spacing= "
             "(e.g. spacing='ddim25' for the DDIM timesteps)")
@@ -396,7 +396,7 @@ class SolverPlan:
 
     @classmethod
     def build(cls, diffusion, method, steps=20, spacing="linspace", final="zero", lambda_min_clipped=None):
-        check_base_diffusion(diffusion, f"{method.name}")
+        check_base_diffusion(diffusion, method.name)
         if lambda_min_clipped is None:
             lambda_min_clipped = COSINE_LAMBDA_MIN if _is_cosine(diffusion) else -math.inf
         timesteps = solver_timesteps(diffusion.alphas_cumprod, steps, spacing, lambda_min_clipped)
