@@ -425,7 +425,8 @@ class GaussianDiffusion:
         Runs on a diffusion built without respacing (a respaced one raises ValueError).
         :param order: 1, 2 or 3; :param solver_type: "midpoint" or "heun";
         :param spacing: "linspace", "leading", "trailing", "ddim" (guided-diffusion's DDIM set of
-            ``steps``), "ddimN", or an explicit decreasing list of timesteps;
+            ``steps``), or, fixing the number of steps themselves (``steps`` is then not read),
+            "ddimN" or an explicit decreasing list of timesteps;
         :param final: "zero" (last step returns x_0) or "sigma_min" (stop at timestep 0's noise);
         :param lambda_min_clipped: skip timesteps with log-SNR/2 below it (default: -5.1 for the
             cosine schedule, none otherwise).

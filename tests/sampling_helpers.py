@@ -95,13 +95,18 @@ def snapshot(directory):
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def finished_shards(out_dir):
+    """Names of the finished shards in a run directory (not the temp files of shards being
+    written, ``batch_000002.tmp<pid>.npz``, which a killed run leaves behind)."""
+    return sorted(p.name for p in (Path(out_dir) / "shards").glob("batch_[0-9][0-9][0-9][0-9][0-9][0-9].npz"))
+
+
 def kill_after_shards(proc, out_dir, count=2, timeout=120):
-    """SIGKILL a started script's process group once ``count`` shards exist in ``out_dir``;
-    returns the names of the shards that were finished."""
-    shards = Path(out_dir) / "shards"
+    """SIGKILL a started script's process group once ``count`` shards are finished in
+    ``out_dir``; returns the names of the finished shards."""
     deadline = time.time() + timeout
-    while len(list(shards.glob("batch_*.npz"))) < count and time.time() < deadline:
+    while len(finished_shards(out_dir)) < count and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return sorted(p.name for p in shards.glob("batch_*.npz"))
+    return finished_shards(out_dir)

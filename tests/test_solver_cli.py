@@ -151,7 +151,8 @@ def test_dpm_solver_with_sag_and_classifier_guidance_two_ranks_and_resume(tmp_pa
     assert 2 <= len(done) < 5 and not (out / NPZ).exists()
     resumed = run_script("classifier", flags(ckpts, out, *RUN))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{len(done)} batch(es) already done" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert f"{len(done)} batch(es) already done" in log, (done, log)
     assert (out / NPZ).read_bytes() == reference
 
 
