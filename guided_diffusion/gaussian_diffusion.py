@@ -318,13 +318,22 @@ class GaussianDiffusion:
         sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
         return _step_result(sample, out)
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                    model_kwargs=None, eta=0.0, guidance=None, guidance_kwargs=None):
-        """One DDIM step x_t -> x_{t-1} (noise is drawn every step, even with eta = 0)."""
+    def ddim_prediction(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                        model_kwargs=None, guidance=None, guidance_kwargs=None):
+        """The outputs a DDIM step builds on: ``p_mean_variance`` (guidance, clip), then classifier
+        guidance on the score. Its ``pred_xstart`` is also the data prediction of the multistep
+        solvers (DPM-Solver++, UniPC; ``multistep.py``), so every guidance serves them too."""
         with _resolved_guidance(self, model, guidance, guidance_kwargs) as guidance:
             out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs, guidance)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        return out
+
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                    model_kwargs=None, eta=0.0, guidance=None, guidance_kwargs=None):
+        """One DDIM step x_t -> x_{t-1} (noise is drawn every step, even with eta = 0)."""
+        out = self.ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs,
+                                   guidance, guidance_kwargs)
         # eps is re-derived from the (possibly clipped) x_0.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
@@ -390,6 +399,82 @@ class GaussianDiffusion:
         yield from self._loop(self.ddim_sample, model, shape, noise, device, progress, guidance,
                               guidance_kwargs, dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                                     cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta))
+
+    def dpm_solver_sample_loop(self, model, shape, noise=None, steps=20, order=2, solver_type="midpoint",
+                               spacing="linspace", final="zero", clip_denoised=True, denoised_fn=None,
+                               cond_fn=None, model_kwargs=None, device=None, progress=False,
+                               guidance=None, guidance_kwargs=None, lambda_min_clipped=None):
+        """DPM-Solver++(``order``M) sampling from noise in ``steps`` model evaluations; returns the
+        final sample. Arguments as ``dpm_solver_sample_loop_progressive``."""
+        from .multistep import final_sample
+
+        return final_sample(self.dpm_solver_sample_loop_progressive(
+            model, shape, noise=noise, steps=steps, order=order, solver_type=solver_type,
+            spacing=spacing, final=final, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+            guidance=guidance, guidance_kwargs=guidance_kwargs, lambda_min_clipped=lambda_min_clipped))
+
+    def dpm_solver_sample_loop_progressive(self, model, shape, noise=None, steps=20, order=2,
+                                           solver_type="midpoint", spacing="linspace", final="zero",
+                                           clip_denoised=True, denoised_fn=None, cond_fn=None,
+                                           model_kwargs=None, device=None, progress=False,
+                                           guidance=None, guidance_kwargs=None, lambda_min_clipped=None):
+        """Yield every step of DPM-Solver++ (data prediction; see ``multistep.py``): a dict with
+        ``sample``, ``pred_xstart``, ``guided_pred_xstart`` and the raw model timestep ``t``.
+
+        Runs on a diffusion built without respacing (a respaced one raises ValueError).
+        :param order: 1, 2 or 3; :param solver_type: "midpoint" or "heun";
+        :param spacing: "linspace", "leading", "trailing", "ddim" (guided-diffusion's DDIM set of
+            ``steps``), or, fixing the number of steps themselves (``steps`` is then not read),
+            "ddimN" or an explicit decreasing list of timesteps;
+        :param final: "zero" (last step returns x_0) or "sigma_min" (stop at timestep 0's noise);
+        :param lambda_min_clipped: skip timesteps with log-SNR/2 below it (default: -5.1 for the
+            cosine schedule, none otherwise).
+        """
+        from .multistep import DPMSolverPP
+
+        yield from self._multistep(DPMSolverPP(order, solver_type), model, shape, noise, steps, spacing,
+                                   final, lambda_min_clipped, clip_denoised, denoised_fn, cond_fn,
+                                   model_kwargs, device, progress, guidance, guidance_kwargs)
+
+    def unipc_sample_loop(self, model, shape, noise=None, steps=20, order=2, solver_type="bh2",
+                          spacing="linspace", final="zero", clip_denoised=True, denoised_fn=None,
+                          cond_fn=None, model_kwargs=None, device=None, progress=False,
+                          guidance=None, guidance_kwargs=None, lambda_min_clipped=None):
+        """UniPC sampling from noise in ``steps`` model evaluations; returns the final sample."""
+        from .multistep import final_sample
+
+        return final_sample(self.unipc_sample_loop_progressive(
+            model, shape, noise=noise, steps=steps, order=order, solver_type=solver_type,
+            spacing=spacing, final=final, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+            guidance=guidance, guidance_kwargs=guidance_kwargs, lambda_min_clipped=lambda_min_clipped))
+
+    def unipc_sample_loop_progressive(self, model, shape, noise=None, steps=20, order=2, solver_type="bh2",
+                                      spacing="linspace", final="zero", clip_denoised=True,
+                                      denoised_fn=None, cond_fn=None, model_kwargs=None, device=None,
+                                      progress=False, guidance=None, guidance_kwargs=None,
+                                      lambda_min_clipped=None):
+        """Yield every step of UniPC (B(h) predictor with a corrector on every evaluated sample;
+        ``solver_type`` "bh2" or "bh1"). Otherwise as ``dpm_solver_sample_loop_progressive``
+        (diffusers' UniPC does not clip lambda: pass ``lambda_min_clipped=-math.inf`` to match it
+        on the cosine schedule)."""
+        from .multistep import UniPC
+
+        yield from self._multistep(UniPC(order, solver_type), model, shape, noise, steps, spacing,
+                                   final, lambda_min_clipped, clip_denoised, denoised_fn, cond_fn,
+                                   model_kwargs, device, progress, guidance, guidance_kwargs)
+
+    def _multistep(self, method, model, shape, noise, steps, spacing, final, lambda_min_clipped,
+                   clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, guidance,
+                   guidance_kwargs):
+        from .multistep import SolverPlan, multistep_loop_progressive
+
+        plan = SolverPlan.build(self, method, steps, spacing, final, lambda_min_clipped)  # bad arguments fail before any model call
+        yield from multistep_loop_progressive(
+            self, method, plan, model, shape, noise=noise, clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
+            progress=progress, guidance=guidance, guidance_kwargs=guidance_kwargs)
 
     def _loop(self, step, model, shape, noise, device, progress, guidance, guidance_kwargs, step_kwargs):
         """The sampling loop shared by DDPM and DDIM."""

@@ -31,6 +31,7 @@ def create_argparser(kind):
     """Flags of the original ``{kind}_sample.py`` (kind: 'image' or 'classifier') plus ours."""
     from . import script_util as su
     from .fast_path import fast_path_defaults
+    from .sampler_choice import add_solver_arguments
 
     defaults = sample_defaults()
     if kind == "classifier":
@@ -50,6 +51,7 @@ def create_argparser(kind):
     speed = parser.add_argument_group(
         "speed (GPU fast path; defaults keep the exact float32 path, see docs/benchmarks.md)")
     su.add_dict_to_argparser(speed, fast_path_defaults())
+    add_solver_arguments(parser)  # --sampler, --sampler_steps, --solver_* (sampler_choice.py)
     _set_help(parser, "--classifier_guidance",
               "ignored by image_sample.py (accepted for compatibility with the original)"
               if kind == "image" else "apply classifier guidance with --classifier_scale")
@@ -94,3 +96,9 @@ def validate_args(args):
         raise UsageError("--num_samples and --batch_size must be at least 1")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {args.seed}")
+    from .sampler_choice import validate_solver_args
+
+    try:
+        validate_solver_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc))

@@ -18,6 +18,7 @@ from .checkpoint_util import load_checkpoint
 from .fast_path import ClassifierGradientOverlap, fast_path_flags, pair_overlap, prepare_model, sag_class
 from .image_io import to_uint8_nhwc
 from .sample_flags import UsageError
+from .sampler_choice import sampling_loop
 
 
 def batch_seed(seed, batch):
@@ -142,7 +143,7 @@ def sample_batch(args, sampler, batch, draws_labels):
         model_kwargs["y"] = classes
         labels = classes.cpu().numpy().astype(np.int64)
     noise = th.randn(*shape, device=device)
-    loop = diffusion.ddim_sample_loop_progressive if args.use_ddim else diffusion.p_sample_loop_progressive
+    loop = sampling_loop(diffusion, args, progressive=True)  # --sampler / --use_ddim
     for out in loop(model_fn, shape, noise=noise, clip_denoised=args.clip_denoised,
                     model_kwargs=model_kwargs, cond_fn=cond_fn, device=device,
                     progress=args.step_progress and dist_util.get_rank() == 0, guidance=guidance):

@@ -21,6 +21,7 @@ from . import dist_util, run_dir
 from .checkpoint_util import CheckpointError
 from .image_io import make_grid, write_png
 from .run_dir import HARMLESS_ARGS, Layout, RunDirError  # noqa: F401  (re-exported)
+from .sampler_choice import describe_sampler
 from .sample_flags import UsageError, create_argparser, sample_defaults, validate_args  # noqa: F401
 from .sampler_setup import (  # noqa: F401  (re-exported: scripts and tests import them from here)
     batch_seed,
@@ -125,6 +126,7 @@ def run(args, kind):
         note(f"{kind}_sample: {args.num_samples} samples in {layout.num_batches} batches of "
              f"{args.batch_size}, seed {args.seed}, {world} rank(s) ({dist_util.launcher() or 'no launcher'}), "
              f"{layout.num_batches - len(pending)} batch(es) already done; output {args.output_dir}")
+        note(describe_sampler(args))
         if dist_util.dev().type == "cpu" and (args.use_fp16 or getattr(args, "classifier_use_fp16", False)):
             note("warning: fp16 weights on a CPU: half-precision convolutions are very slow on most CPUs "
                  "(minutes per UNet pass at 128x128); pass --use_fp16 False (and --classifier_use_fp16 "

@@ -37,6 +37,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.zoom < 0:
         parser.error(f"--zoom {args.zoom}: must be 0 (automatic) or a positive factor")
+    if args.sampler is not None or args.sampler_steps is not None:
+        parser.error("--sampler/--sampler_steps: this script draws DDPM or DDIM runs only "
+                     "(--use_ddim, --timestep_respacing)")
     args.zoom = args.zoom or max(1, 128 // args.image_size)
     args.batch_size = args.num_images
     return args

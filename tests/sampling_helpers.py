@@ -1,8 +1,10 @@
 """Helpers for the sampling-script tests: tiny random checkpoints and script runners."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch as th
@@ -80,7 +82,31 @@ def run_script(kind, flags, nproc=1, timeout=300, cwd=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def start_script(kind, flags, nproc=1, cwd=None):
+    """Start a sampling script in its own process group (so a test can SIGKILL all of it)."""
+    return subprocess.Popen(script_cmd(kind, flags, nproc), env=script_env(), cwd=cwd or REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
 def snapshot(directory):
     """{relative path: bytes} of every file under ``directory``."""
     directory = Path(directory)
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def finished_shards(out_dir):
+    """Names of the finished shards in a run directory (not the temp files of shards being
+    written, ``batch_000002.tmp<pid>.npz``, which a killed run leaves behind)."""
+    return sorted(p.name for p in (Path(out_dir) / "shards").glob("batch_[0-9][0-9][0-9][0-9][0-9][0-9].npz"))
+
+
+def kill_after_shards(proc, out_dir, count=2, timeout=120):
+    """SIGKILL a started script's process group once ``count`` shards are finished in
+    ``out_dir``; returns the names of the finished shards."""
+    deadline = time.time() + timeout
+    while len(finished_shards(out_dir)) < count and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return finished_shards(out_dir)

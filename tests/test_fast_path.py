@@ -1,6 +1,7 @@
 """The fast path (guided_diffusion/fast_path.py, fast_attention.py) against the exact path, on CPU."""
 
 import copy
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -214,7 +215,17 @@ def test_benchmark_tiny_runs_and_prints_table():
     assert gains[:2] == ["-", "-"] and gains[2].endswith("x")
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def sampling_loops(diffusion):
+    """Every sampler's loop, called alike (the solvers at order 3: every update rule runs)."""
+    return {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop,
+            "dpm++": functools.partial(diffusion.dpm_solver_sample_loop, steps=6, order=3),
+            "unipc": functools.partial(diffusion.unipc_sample_loop, steps=6, order=3)}
+
+
+SOLVER_RESPACING = {"ddim": "ddim6", "ddpm": "6", "dpm++": "", "unipc": ""}
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++", "unipc"])
 @pytest.mark.parametrize("fast", [False, True])
 def test_sampling_loop_reads_no_device_value(sampler, fast):
     """The whole loop (SAG on some steps, off on others, classifier guidance) runs on the meta
@@ -223,7 +234,7 @@ def test_sampling_loop_reads_no_device_value(sampler, fast):
     from guided_diffusion.sampling import classifier_cond_fn
     from guided_diffusion.script_util import classifier_defaults, create_classifier
 
-    model, diffusion = tiny(respacing="ddim6" if sampler == "ddim" else "6")
+    model, diffusion = tiny(respacing=SOLVER_RESPACING[sampler])
     flags = classifier_defaults()
     flags.update(image_size=32, classifier_width=32, classifier_depth=1,
                  classifier_attention_resolutions="16,8")
@@ -233,9 +244,9 @@ def test_sampling_loop_reads_no_device_value(sampler, fast):
     cond_fn = classifier_cond_fn(classifier, 1.0)  # the one scripts/classifier_sample.py uses
     overlap = ClassifierGradientOverlap(cond_fn) if fast else None
     extra = dict(overlap=overlap) if fast else {}
-    sag = sag_class(fast_attention=fast)(model, guide_scale=1.5, guide_start=500, blur_sigma=3.0,
+    sag = sag_class(fast_attention=fast)(model, guide_scale=1.5, guide_start=3, blur_sigma=3.0,
                                           sel_attn_block="output", sel_attn_depth=1, **extra)
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    loop = sampling_loops(diffusion)[sampler]
     y = th.zeros(2, dtype=th.long, device=meta)
     with sag:
         out = loop(model, (2, 3, 32, 32), noise=th.empty(2, 3, 32, 32, device=meta),
@@ -243,6 +254,41 @@ def test_sampling_loop_reads_no_device_value(sampler, fast):
         assert out.device == meta and out.shape == (2, 3, 32, 32)
         with pytest.raises((RuntimeError, NotImplementedError)):  # the check can fail
             sag.is_active(th.zeros(2, dtype=th.long, device=meta))
+
+
+@pytest.mark.parametrize("sampler, dtype", [("dpm++", "fp32"), ("unipc", "bf16")])
+def test_solvers_on_the_fast_path_match_the_exact_path(sampler, dtype):
+    """SAG + classifier guidance through a solver loop: SDPA attention, channels_last, the fast
+    SAG and the overlapped classifier gradient (fp32: the exact numbers up to rounding), and
+    bf16 autocast (within bf16 tolerance)."""
+    model, diffusion = tiny(respacing="")
+    fast = prepare_model(copy.deepcopy(model), fast_attention=True, dtype=dtype, channels_last=True)
+    weight = th.randn(3, 32, 32, generator=th.Generator().manual_seed(5))
+
+    def cond_fn(x, t, y=None):
+        with th.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            return th.autograd.grad((th.tanh(x_in * weight)).sum(), x_in)[0] * 0.1
+
+    x, _, y = inputs()
+    results = []
+    for net, cls, grad in ((model, SelfAttentionGuidance, cond_fn),
+                           (fast, FastSelfAttentionGuidance, ClassifierGradientOverlap(cond_fn))):
+        extra = dict(overlap=grad) if cls is FastSelfAttentionGuidance else {}
+        with cls(net, guide_scale=1.5, guide_start=3, blur_sigma=3.0, sel_attn_block="output",
+                 sel_attn_depth=1, keep_intermediates=True, **extra) as sag:
+            loop = getattr(diffusion, {"dpm++": "dpm_solver_sample_loop_progressive",
+                                       "unipc": "unipc_sample_loop_progressive"}[sampler])
+            try:
+                results.append(list(loop(net, x.shape, noise=x.clone(), steps=5, order=3, cond_fn=grad,
+                                         model_kwargs={"y": y}, guidance=sag)))
+            except RuntimeError as exc:  # pragma: no cover - depends on the CPU build
+                pytest.skip(f"CPU {dtype} autocast unsupported here: {exc}")
+    exact, quick = results
+    masks = [(a["sag"]["mask"] == b["sag"]["mask"]).float().mean().item()
+             for a, b in zip(exact, quick) if "sag" in a]
+    assert len(masks) == 3 and min(masks) >= (0.99 if dtype == "fp32" else 0.9), masks
+    assert max_rel(quick[-1]["sample"], exact[-1]["sample"]) < (1e-4 if dtype == "fp32" else 5e-2)
 
 
 def test_pair_overlap_prefetches_only_for_its_own_cond_fn():
@@ -274,9 +320,11 @@ def test_pair_overlap_prefetches_only_for_its_own_cond_fn():
     exact.close()
 
 
-def test_compiled_sag_run_traces_the_unet_once(monkeypatch):
+@pytest.mark.parametrize("sampler", ["ddim", "unipc"])
+def test_compiled_sag_run_traces_the_unet_once(monkeypatch, sampler):
     """Both SAG passes (and unguided steps) reuse one compiled graph: the probe is not paused
-    on the fast path, since dynamo guards on its on/off flag (two full compilations before)."""
+    on the fast path, since dynamo guards on its on/off flag (two full compilations before).
+    The solvers' loops call the UNet alike (one graph, no recompilation per timestep)."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -287,13 +335,15 @@ def test_compiled_sag_run_traces_the_unet_once(monkeypatch):
         return th._dynamo.optimize(counting_backend, dynamic=dynamic)(fn)
 
     monkeypatch.setattr(th, "compile", compile_counting)
-    model, diffusion = tiny(respacing="ddim4")
+    model, diffusion = tiny(respacing="ddim4" if sampler == "ddim" else "")
     prepare_model(model, fast_attention=True, compile=True)
     x, _, y = inputs()
+    loop = (diffusion.ddim_sample_loop if sampler == "ddim"
+            else functools.partial(diffusion.unipc_sample_loop, steps=4))
     try:
         with FastSelfAttentionGuidance(model, guide_scale=1.5, guide_start=2, blur_sigma=3.0,
                                        sel_attn_block="output", sel_attn_depth=1) as sag:
-            diffusion.ddim_sample_loop(model, x.shape, noise=x, model_kwargs={"y": y}, guidance=sag)
+            loop(model, x.shape, noise=x, model_kwargs={"y": y}, guidance=sag)
     finally:
         th._dynamo.reset()
     assert len(graphs) == 1
