@@ -4,8 +4,8 @@ Semantics and public signatures follow OpenAI's guided-diffusion. Coefficient ta
 numpy arrays; every use indexes them with ``t`` and casts the picked values to float32 before
 the per-pixel arithmetic, exactly as the reference does.
 
-Self-attention guidance plugs in at one place, :meth:`GaussianDiffusion.p_mean_variance`
-(``guidance=``), so the DDPM and DDIM samplers share it; see ``sag.py``.
+Two-pass guidance (SAG, PAG, SEG) plugs in at one place, :meth:`GaussianDiffusion.p_mean_variance`
+(``guidance=``), so the DDPM and DDIM samplers share it; see ``guidance.py``.
 """
 
 import enum
@@ -196,12 +196,14 @@ class GaussianDiffusion:
                         model_kwargs=None, guidance=None):
         """Apply the model to get p(x_{t-1} | x_t) and a prediction of x_0.
 
-        :param guidance: optional ``SelfAttentionGuidance``; on the steps where it is active it
-            replaces the model output by its guided version (second UNet pass) before the mean,
-            variance and x_0 are derived, so every sampler built on this method is guided.
+        :param guidance: optional two-pass guidance (``SelfAttentionGuidance``,
+            ``PerturbedAttentionGuidance``); on the steps where it is active it replaces the mean
+            and x_0 by guided ones (second UNet pass), so every sampler built on this method is
+            guided.
         :return: dict with ``mean``, ``variance``, ``log_variance``, ``pred_xstart`` and
             ``model_output`` (the raw output, e.g. eps | variance values). When guidance was
-            applied also ``unguided_pred_xstart`` and ``sag`` (the guidance intermediates).
+            applied also ``unguided_pred_xstart`` and, if kept, its intermediates (``sag`` /
+            ``pag``).
         """
         model_output = self.run_model(model, x, t, model_kwargs)
         out = self.outputs_from_model_output(model_output, x, t, clip_denoised, denoised_fn)
@@ -237,9 +239,7 @@ class GaussianDiffusion:
             model_log_variance = _extract_into_tensor(log_variances, t, x.shape)
 
         def process_xstart(x0):
-            if denoised_fn is not None:
-                x0 = denoised_fn(x0)
-            return x0.clamp(-1, 1) if clip_denoised else x0
+            return self.process_xstart(x0, clip_denoised, denoised_fn)
 
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             pred_xstart = process_xstart(self._predict_xstart_from_xprev(x, t, prediction))
@@ -259,6 +259,13 @@ class GaussianDiffusion:
             "pred_xstart": pred_xstart,
             "model_output": model_output,
         }
+
+    @staticmethod
+    def process_xstart(x0, clip_denoised=True, denoised_fn=None):
+        """An x_0 prediction as the samplers use it: ``denoised_fn``, then clipping to [-1, 1]."""
+        if denoised_fn is not None:
+            x0 = denoised_fn(x0)
+        return x0.clamp(-1, 1) if clip_denoised else x0
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         assert x_t.shape == eps.shape
@@ -598,13 +605,14 @@ def _step_result(sample, out):
     """A sampler step's return value: the unguided x_0 under the original's key."""
     result = {"sample": sample, "pred_xstart": out.get("unguided_pred_xstart", out["pred_xstart"]),
               "guided_pred_xstart": out["pred_xstart"]}
-    if "sag" in out:
-        result["sag"] = out["sag"]
+    for key in ("sag", "pag"):  # the guidance's intermediates (keep_intermediates=True)
+        if key in out:
+            result[key] = out[key]
     return result
 
 
 def _resolved_guidance(diffusion, model, guidance, guidance_kwargs):
-    """Context manager giving the guidance object for a sampler call (see ``sag.resolve_guidance``)."""
-    from .sag import resolve_guidance
+    """Context manager giving the guidance object for a sampler call (see ``guidance.resolve_guidance``)."""
+    from .guidance import resolve_guidance
 
     return resolve_guidance(diffusion, model, guidance, guidance_kwargs)

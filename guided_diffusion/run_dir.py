@@ -40,7 +40,10 @@ LOCK_FILE = "run.lock"
 SHARD_DIR = "shards"
 # Arguments that change nothing in the samples: a resumed run may use other values.  Any other
 # argument (every flag in vars(args)) is part of the run's identity.
-HARMLESS_ARGS = ("output_dir", "progress", "step_progress", "save_grid", "force_unlock")
+HARMLESS_ARGS = ("output_dir", "progress", "step_progress", "save_grid", "force_unlock",
+                 # the PAG scripts' device, output-location and picture flags
+                 "gpu", "gpu_offset", "results_root_dir", "results_dir", "save_png", "visualize",
+                 "seed_everything")
 
 
 class RunDirError(Exception):

@@ -10,7 +10,8 @@ SAG is one small mechanism, separate from the model and from the samplers:
    it to step t with the predicted eps;
 4. :class:`SelfAttentionGuidance` - runs the UNet again on that degraded input and pushes eps
    away from it: ``eps = eps_deg + s * (eps - eps_deg)``. It plugs into
-   ``GaussianDiffusion.p_mean_variance(guidance=...)``, so DDPM and DDIM share it.
+   ``GaussianDiffusion.p_mean_variance(guidance=...)``, so DDPM and DDIM share it; what it
+   shares with PAG / SEG (the eps combination, which eps, the window) is in ``guidance.py``.
 
 Default behaviour reproduces the original SAG code bit-for-bit in float32 (see
 ``shared/spec/SAG.md``), including its quirks: the map is read with the ``--num_heads`` flag in
@@ -24,9 +25,10 @@ import math
 import weakref
 
 import torch as th
-import torch.nn as nn
 import torch.nn.functional as F
 
+from .guidance import (  # noqa: F401  (resolve_guidance: its old home)
+    TwoPassGuidance, check_window, guided_outputs, pass_eps, resolve_guidance)
 from .unet import AttentionBlock, QKVAttention
 
 BLOCK_NAMES = ("input", "middle", "output")
@@ -226,7 +228,7 @@ def degrade(diffusion, x0, t, eps, mask, blur_sigma, blur=gaussian_blur):
 # ---------------------------------------------------------------------------------- guidance
 
 
-class SelfAttentionGuidance:
+class SelfAttentionGuidance(TwoPassGuidance):
     """SAG for one UNet: active on respaced steps ``t < guide_start`` when ``guide_scale != 1``.
 
     :param model: the UNetModel whose attention is probed (also when sampling goes through a
@@ -234,21 +236,21 @@ class SelfAttentionGuidance:
     :param sag_heads: "reference" - split the qkv with the ``--num_heads`` flag in the legacy
         layout, as the original (and its published numbers) did; "model" - the block's real
         heads and layout (the map the paper describes).
+    :param guidance_window: optional ``(start, end)``: guide the respaced steps with
+        ``start >= t >= end`` instead (the PAG code's ``{"sag": [start, end]}``).
     :param keep_intermediates: add the mask, blurred x_0 and degraded input to the step outputs.
     """
 
     def __init__(self, model, guide_scale=1.5, guide_start=250, blur_sigma=9.0,
                  sel_attn_block="output", sel_attn_depth=2, sag_heads="reference",
-                 keep_intermediates=False):
-        guide_scale = float(guide_scale)
-        if not math.isfinite(guide_scale):
-            raise ValueError(f"--guide_scale must be a finite number, got {guide_scale}")
+                 keep_intermediates=False, guidance_window=None):
+        super().__init__(guide_scale)
         if not float(blur_sigma) > 0:
             raise ValueError(f"--blur_sigma must be positive, got {blur_sigma}")
         if sag_heads not in SAG_HEADS:
             raise ValueError(f"--sag_heads must be one of {', '.join(SAG_HEADS)}, got {sag_heads!r}")
-        self.guide_scale = guide_scale
         self.guide_start = int(guide_start)
+        self.window = None if guidance_window is None else check_window(guidance_window)
         self.blur_sigma = float(blur_sigma)
         self.sag_heads = sag_heads
         self.keep_intermediates = keep_intermediates
@@ -260,34 +262,27 @@ class SelfAttentionGuidance:
             self.layout = getattr(block.attention, "layout", None) or (
                 "new" if isinstance(block.attention, QKVAttention) else "legacy")
         self.probe = AttentionProbe(block)
-        self.step_hint = None  # (t tensor, host-side step) set by the sampling loop
 
-    def is_active(self, t):
-        """Whether step ``t`` (respaced indices; the first element decides) is guided."""
-        if self.guide_scale == 1.0:
-            return False
-        hint = self.step_hint
-        step = hint[1] if hint is not None and hint[0] is t else int(t[0])
+    def active_at(self, step):
+        """Whether respaced step ``step`` is guided."""
+        if self.window is not None:
+            return self.window[0] >= step >= self.window[1]
         return self.guide_start > step
 
     def guide(self, diffusion, model, x, t, first, model_kwargs, clip_denoised, denoised_fn):
         """Turn the first pass's outputs into guided ones (see ``p_mean_variance``)."""
         qkv = self.probe.take()
-        channels = x.shape[1]
-        output1 = first["model_output"]
-        eps1, rest = output1[:, :channels], output1[:, channels:]
+        eps1 = pass_eps(diffusion, first["model_output"], x, t, pred_xstart=first["pred_xstart"])
         with self._mask_and_blur_context(x):
             mask = sag_mask(self.colsum(qkv), x.shape)
             x_bar, blurred = degrade(diffusion, first["pred_xstart"], t, eps1, mask, self.blur_sigma,
                                      blur=self.blur)
         self._before_second_pass(diffusion, x, t, model_kwargs)
         with self._second_pass_context():
-            eps2 = diffusion.run_model(model, x_bar, t, model_kwargs)[:, :channels]
-        guided_eps = eps2 + self.guide_scale * (eps1 - eps2)
-        out = diffusion.outputs_from_model_output(
-            th.cat([guided_eps, rest], dim=1), x, t, clip_denoised, denoised_fn
-        )
-        out["unguided_pred_xstart"] = first["pred_xstart"]
+            output2 = diffusion.run_model(model, x_bar, t, model_kwargs)
+        eps2 = pass_eps(diffusion, output2, x_bar, t, clip_denoised, denoised_fn)
+        out, guided_eps = guided_outputs(diffusion, first, eps1, eps2, self.guide_scale, x, t,
+                                         clip_denoised, denoised_fn)
         if self.keep_intermediates:
             out["sag"] = {"mask": mask, "blurred": blurred, "x_bar": x_bar, "eps": eps1,
                           "degraded_eps": eps2, "guided_eps": guided_eps}
@@ -316,12 +311,6 @@ class SelfAttentionGuidance:
         """Detach the probe from the model."""
         self.probe.remove()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def remember_sag_model(diffusion, model, sel_attn_block=None, sel_attn_depth=None):
     """Let ``guidance_kwargs`` calls find the UNet when the sampler gets a wrapper function.
@@ -333,33 +322,12 @@ def remember_sag_model(diffusion, model, sel_attn_block=None, sel_attn_depth=Non
     diffusion.sag_selection = (sel_attn_block or "output", 2 if sel_attn_depth is None else sel_attn_depth)
 
 
-@contextlib.contextmanager
-def resolve_guidance(diffusion, model, guidance, guidance_kwargs):
-    """The guidance object for one sampler call.
-
-    ``guidance`` (an object) wins; otherwise ``guidance_kwargs`` - the original's dict with
-    ``guide_scale``, ``guide_start``, ``blur_sigma`` and optionally ``sel_attn_block``,
-    ``sel_attn_depth``, ``sag_heads`` - builds one for the duration of the call. Neither: no SAG.
-    """
-    if guidance is not None or guidance_kwargs is None:
-        yield guidance
-        return
-    kwargs = dict(guidance_kwargs)
-    unet = kwargs.pop("model", None)
-    if unet is None and isinstance(model, nn.Module):
-        unet = model
-    if unet is None and getattr(diffusion, "sag_model_ref", None) is not None:
-        unet = diffusion.sag_model_ref()
-    if unet is None:
-        raise ValueError(
-            "guidance_kwargs needs the UNet to probe: pass the model itself, add "
-            "guidance_kwargs['model'], or build it with create_model_and_diffusion"
-        )
+def guidance_from_kwargs(diffusion, unet, kwargs):
+    """The original's ``guidance_kwargs`` dict (``guide_scale``, ``guide_start``, ``blur_sigma``,
+    optionally ``sel_attn_block``, ``sel_attn_depth``, ``sag_heads``) as a SelfAttentionGuidance;
+    the block defaults to the one ``create_model_and_diffusion`` was given."""
+    kwargs = dict(kwargs)
     block, depth = getattr(diffusion, "sag_selection", ("output", 2))
     kwargs.setdefault("sel_attn_block", block)
     kwargs.setdefault("sel_attn_depth", depth)
-    sag = SelfAttentionGuidance(unet, **kwargs)
-    try:
-        yield sag
-    finally:
-        sag.close()
+    return SelfAttentionGuidance(unet, **kwargs)

@@ -4,6 +4,8 @@
 import argparse
 import math
 
+from . import pag_flags
+
 
 class UsageError(Exception):
     """A user-facing problem reported as one line on stderr (no traceback)."""
@@ -52,6 +54,7 @@ def create_argparser(kind):
         "speed (GPU fast path; defaults keep the exact float32 path, see docs/benchmarks.md)")
     su.add_dict_to_argparser(speed, fast_path_defaults())
     add_solver_arguments(parser)  # --sampler, --sampler_steps, --solver_* (sampler_choice.py)
+    pag_flags.add_arguments(parser)  # PAG / SEG flags (pag_flags.py), after the SAG flags
     _set_help(parser, "--classifier_guidance",
               "ignored by image_sample.py (accepted for compatibility with the original)"
               if kind == "image" else "apply classifier guidance with --classifier_scale")
@@ -86,6 +89,10 @@ def _set_help(parser, flag, text):
 
 def validate_args(args):
     """Reject values the samplers cannot use, before anything is built or written."""
+    try:
+        pag_flags.validate(args)  # PAG / SEG flags; resolves --guide_scale and --results_dir
+    except ValueError as exc:
+        raise UsageError(str(exc))
     for name in ("guide_scale", "blur_sigma", "classifier_scale"):
         value = getattr(args, name, 0.0)
         if not math.isfinite(value):

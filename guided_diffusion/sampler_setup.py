@@ -13,7 +13,7 @@ import numpy as np
 import torch as th
 import torch.nn.functional as F
 
-from . import dist_util, faults
+from . import dist_util, faults, pag_flags
 from .checkpoint_util import load_checkpoint
 from .fast_path import ClassifierGradientOverlap, fast_path_flags, pair_overlap, prepare_model, sag_class
 from .image_io import to_uint8_nhwc
@@ -101,7 +101,7 @@ def build_sampler(args, kind):
     model = prepare_model(model, **fast)
     diffusion = model_box["diffusion"]
     try:
-        guidance = sag_class(**fast)(
+        guidance = pag_flags.build_guidance(args, model, fast) or sag_class(**fast)(
             model, guide_scale=args.guide_scale, guide_start=args.guide_start,
             blur_sigma=args.blur_sigma, sel_attn_block=args.sel_attn_block,
             sel_attn_depth=args.sel_attn_depth, sag_heads=args.sag_heads)
@@ -110,19 +110,18 @@ def build_sampler(args, kind):
     if kind == "image":
         return diffusion, model, None, guidance
 
+    def model_fn(x, t, y=None):
+        assert y is not None
+        return model(x, t, y if args.class_cond else None)
+
+    if not args.classifier_guidance:  # the classifier is loaded only when it is used
+        return diffusion, model_fn, None, guidance
     classifier = _load_network(
         lambda: su.create_classifier(**_factory_args(args, su.classifier_defaults().keys())),
         args.classifier_path, "classifier", args.classifier_use_fp16)
     # The classifier shares the UNet's attention kernels, autocast and memory layout (it is
     # differentiated every step, so it is not compiled).
     classifier = prepare_model(classifier, **dict(fast, compile=False, cuda_graphs=False))
-
-    def model_fn(x, t, y=None):
-        assert y is not None
-        return model(x, t, y if args.class_cond else None)
-
-    if not args.classifier_guidance:
-        return diffusion, model_fn, None, guidance
     cond_fn = classifier_cond_fn(classifier, args.classifier_scale)
     if fast["fast_attention"]:  # on CUDA: classifier gradient concurrent with SAG's second pass
         cond_fn = ClassifierGradientOverlap(cond_fn)

@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 
-from . import dist_util, run_dir
+from . import dist_util, pag_flags, run_dir
 from .checkpoint_util import CheckpointError
 from .image_io import make_grid, write_png
 from .run_dir import HARMLESS_ARGS, Layout, RunDirError  # noqa: F401  (re-exported)
@@ -137,6 +137,7 @@ def run(args, kind):
         for b in pending[rank::world]:
             tic = time.time()
             images, labels = sample_batch(args, sampler, b, draws)
+            pag_flags.after_batch(args, b, images, labels, sampler[3])  # --save_png, --visualize
             run_dir.write_shard(layout, b, images, labels)
             note(f"batch {b} done in {time.time() - tic:.1f}s")
             _update(bar, args, layout)

@@ -3,7 +3,8 @@
 Parameter names, order and shapes are exactly those of OpenAI's released checkpoints, so
 ``load_state_dict(torch.load(path), strict=True)`` works for every published model. Every
 ``forward`` returns a tensor; SAG captures attention from outside with a forward hook on an
-attention block's ``.attention`` op (see ``sag.py``).
+attention block's ``.attention`` op (see ``sag.py``), and PAG / SEG swap that op only for their
+perturbed pass (see ``pag.py``).
 """
 
 import math
@@ -179,11 +180,8 @@ class QKVAttentionLegacy(nn.Module):
         self.n_heads = n_heads
 
     def forward(self, qkv):
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return _attend(q, k, v, ch).reshape(bs, -1, length)
+        q, k, v = qkv_heads(qkv, self.n_heads, new_order=False)
+        return attend(q, k, v).reshape(qkv.shape[0], -1, qkv.shape[-1])
 
 
 class QKVAttention(nn.Module):
@@ -194,17 +192,34 @@ class QKVAttention(nn.Module):
         self.n_heads = n_heads
 
     def forward(self, qkv):
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = (part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
-        return _attend(q, k, v, ch).reshape(bs, -1, length)
+        q, k, v = qkv_heads(qkv, self.n_heads, new_order=True)
+        return attend(q, k, v).reshape(qkv.shape[0], -1, qkv.shape[-1])
 
 
-def _attend(q, k, v, ch):
-    """softmax(q^T k / sqrt(ch)) applied to v, for [B*heads, ch, T] tensors (softmax in fp32)."""
-    scale = 1 / math.sqrt(math.sqrt(ch))
+def qkv_heads(qkv, n_heads, new_order):
+    """Split a [B, 3*H*C, T] qkv tensor into q, k, v of shape [B*H, C, T].
+
+    Legacy order: head h owns rows ``[3Ch, 3C(h+1))`` = its q | k | v; new order: rows
+    ``[0, HC)`` are every head's q (head-major), then all k, then all v.
+    """
+    bs, width, length = qkv.shape
+    assert width % (3 * n_heads) == 0
+    ch = width // (3 * n_heads)
+    if new_order:
+        return tuple(part.reshape(bs * n_heads, ch, length) for part in qkv.chunk(3, dim=1))
+    return qkv.reshape(bs * n_heads, ch * 3, length).split(ch, dim=1)
+
+
+def attend(q, k, v, logit_mask=None):
+    """softmax(q^T k / sqrt(C)) applied to v, for [B*heads, C, T] tensors (softmax in fp32).
+
+    q and k are each scaled by ``C**-0.25`` (more stable in fp16). ``logit_mask`` (bool,
+    [B*heads, T, T]) sets the chosen logits to -inf before the softmax (PAG's perturbation).
+    """
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = th.einsum("bct,bcs->bts", q * scale, k * scale)
+    if logit_mask is not None:
+        weight = weight.masked_fill(logit_mask, float("-inf"))
     weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
     return th.einsum("bts,bcs->bct", weight, v)
 

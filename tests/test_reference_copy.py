@@ -7,7 +7,7 @@ import pytest
 
 from reference_paths import BUNDLED, WORKSPACE_SHARED
 
-COPIED = ["golden/sag", "golden/eval", "golden/solvers", "spec/checkpoints"]
+COPIED = ["golden/sag", "golden/pag", "golden/seg", "golden/eval", "golden/solvers", "spec/checkpoints"]
 
 
 @pytest.mark.parametrize("folder", COPIED)
