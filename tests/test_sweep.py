@@ -123,13 +123,17 @@ def test_sweep_resumes_evaluates_once_and_matches_the_evaluator(setup):
     assert "running" not in text and text.count(" cached ") == 5 and "evaluation(s) cached" in text
     assert log_runs(out / "logs" / "evaluate.log") == evaluations
 
-    # 7. A grown grid samples only its new point and evaluates only that file.
-    text = run(sweep_cmd(setup, out, grid=["--grid", "guide_scale=1.5,2,3", "--grid", "blur_sigma=3"]))
-    assert re.findall(r"running\s+(\S+)", text) == ["guide_scale=3__blur_sigma=3"], text
+    # 7. A grown grid (more values, and a new key at the base command's value) samples only its
+    #    new point, keeps the folders of the others, and evaluates only the new file.
+    grown = ["--grid", "guide_scale=1.5,2,3", "--grid", "blur_sigma=3", "--grid", "sel_attn_depth=1"]
+    text = run(sweep_cmd(setup, out, grid=grown))
+    new = "guide_scale=3__blur_sigma=3__sel_attn_depth=1"
+    assert re.findall(r"running\s+(\S+)", text) == [new], text
     assert "evaluating 1 sample file(s) in one evaluator run (3 cached)" in text
     with open(out / "sweep.json") as f:
-        assert [p["name"] for p in json.load(f)["points"]] == [
-            FIRST, "guide_scale=1.5__blur_sigma=3", "guide_scale=2__blur_sigma=3", "guide_scale=3__blur_sigma=3"]
+        assert [p["dir"] for p in json.load(f)["points"]] == [
+            f"points/{FIRST}", "points/guide_scale=1.5__blur_sigma=3", "points/guide_scale=2__blur_sigma=3",
+            f"points/{new}"]
 
 
 def test_dry_run_prints_each_command_and_writes_nothing(setup, tmp_path):

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from guided_diffusion.sweep import plan as plan_module
-from guided_diffusion.sweep.grid import GridError, expand, grid_points, split_values
+from guided_diffusion.sweep.grid import GridError, expand, grid_points, load_grid_file, split_values
 from guided_diffusion.sweep.main import main
 from guided_diffusion.sweep.plan import PlanError, Planner, make_base, point_name
 from sampling_helpers import TINY_MODEL_FLAGS
@@ -60,7 +60,7 @@ def test_new_list_and_json_flags_are_sweepable(monkeypatch, tmp_path):
         "- guidance_strategies: [{attention_mask_identity: [25, 0]}, {attention_mask_identity: [10, 0]}]\n"
         "- drop_layers: [[input_blocks.7.1, middle_block.1], middle_block.1]\n")
     planner = Planner(make_base("", "image", BASE), seed=3)
-    points = planner.plan(grid_points(["guide_scale=2"], str(grid_file)))[1]
+    points = planner.plan(grid_points(["guide_scale=2"], load_grid_file(str(grid_file))[0]))[1]
     assert len(points) == 4
     assert points[0].tokens == ["--guidance_strategies", '{"attention_mask_identity":[25,0]}',
                                 "--drop_layers", "input_blocks.7.1", "middle_block.1", "--guide_scale", "2"]
@@ -132,3 +132,25 @@ def test_bad_base_command(tmp_path, capsys):
     assert "--output_dir is set by the sweep" in run_main(
         tmp_path, capsys, "--grid", "guide_scale=2", base=BASE + ["--output_dir", "x"])
     assert "no such preset" in run_main(tmp_path, capsys, "--preset", "nope", "--grid", "guide_scale=2")
+
+
+def test_zipped_keys_are_one_figure_axis_and_seeds_are_repeats(tmp_path):
+    from PIL import Image
+
+    from guided_diffusion.sweep.plots import metric_figures, parameters
+
+    records = []
+    for scale in (1.5, 2.0):
+        for block, depth in (("output", 2), ("middle", 0)):
+            for seed in ((0, 1) if scale == 2.0 and block == "output" else (0,)):
+                settings = {"guide_scale": scale, "sel_attn_block": block, "sel_attn_depth": depth, "seed": seed}
+                records.append({"settings": settings, "seed": seed, "label": str(settings),
+                                "metrics": {"fid": 10 * scale + depth + seed, "recall": 0.5}})
+    swept = ["guide_scale", "sel_attn_block", "sel_attn_depth", "seed"]
+    assert parameters(records, swept) == [("guide_scale",), ("sel_attn_block", "sel_attn_depth")]
+    baseline = [{"settings": {}, "seed": s, "label": "", "metrics": {"fid": 30.0 + s, "recall": 0.4}} for s in (0, 1)]
+    paths = metric_figures(str(tmp_path), records, swept, ["fid", "recall"], baseline, "guide_scale=1.0", 0, "t")
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["fig_guide_scale.png", "fig_sel_attn_block+sel_attn_depth.png"]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size[0] > 400 and image.size[1] > 300

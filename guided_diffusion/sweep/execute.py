@@ -66,17 +66,18 @@ def finished_samples(point):
     The one place that decides "finished": the final ``.npz`` exists and its ``arr_0`` header says
     ``num_samples`` uint8 images of the right size (the file appears atomically when the run
     ends; a truncated or foreign file does not count, and re-running the script repairs or
-    refuses it)."""
+    refuses it). Reads the zip directory and the array header, not the images."""
     path = samples_path(point)
     a = point.args
+    expected = (a.num_samples, a.image_size, a.image_size, 3)
     try:
         with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as member:
             version = np.lib.format.read_magic(member)
             shape, fortran, dtype = _read_header(member, version)
+            complete = zf.getinfo("arr_0.npy").file_size == member.tell() + int(np.prod(expected))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
-    expected = (a.num_samples, a.image_size, a.image_size, 3)
-    return path if tuple(shape) == expected and dtype == np.uint8 and not fortran else None
+    return path if complete and tuple(shape) == expected and dtype == np.uint8 and not fortran else None
 
 
 def _read_header(member, version):
@@ -283,13 +284,19 @@ def sample_points(points, kind, folder, nproc=1, mpiexec="mpiexec", keep_going=F
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _stamp(path):
+def _stamp(path, folder=None):
+    """A file's name (relative to the sweep folder when inside it, so a moved sweep keeps its
+    cache), size and modification time."""
     st = os.stat(path)
-    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    name = os.path.realpath(path)
+    if folder is not None and name.startswith(os.path.realpath(folder.out) + os.sep):
+        name = os.path.relpath(name, os.path.realpath(folder.out))
+    return [name, st.st_size, st.st_mtime_ns]
 
 
-def evaluation_key(samples, ref, eval_argv):
-    return json.dumps({"samples": _stamp(samples), "ref": _stamp(ref), "flags": list(eval_argv)}, sort_keys=True)
+def evaluation_key(samples, ref, eval_argv, folder):
+    return json.dumps({"samples": _stamp(samples, folder), "ref": _stamp(ref), "flags": list(eval_argv)},
+                      sort_keys=True)
 
 
 def evaluate(files, ref, eval_argv, folder, nproc=1, mpiexec="mpiexec", stream=None):
@@ -298,7 +305,7 @@ def evaluate(files, ref, eval_argv, folder, nproc=1, mpiexec="mpiexec", stream=N
     stream = stream or sys.stdout
     cache_path = folder.path("evaluations.json")
     cache = read_json(cache_path, {})
-    keys = {f: evaluation_key(f, ref, eval_argv) for f in files}
+    keys = {f: evaluation_key(f, ref, eval_argv, folder) for f in files}
     missing = [f for f in files if keys[f] not in cache]
     cached = len(files) - len(missing)
     if missing:

@@ -20,7 +20,7 @@ tokens is the planner's job (it knows each flag's arity).
 """
 
 import json
-import os
+import shlex
 
 SPECIAL = ("product", "zip", "union")
 
@@ -93,7 +93,11 @@ def cli_grid(axes):
 
 
 def load_grid_file(path):
-    """Read a YAML or JSON grid file (JSON is read by the YAML parser too)."""
+    """Read a YAML or JSON grid file; returns ``(grid node, base flags)``.
+
+    The file is either a grid node, or a mapping ``{grid: NODE, base: "--flag value ..."}`` whose
+    ``base`` flags (a string or a list of tokens) extend the base command (flags after ``--`` on
+    the command line come later and win)."""
     import yaml
 
     try:
@@ -106,9 +110,17 @@ def load_grid_file(path):
     except (ValueError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GridError(f"grid file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {first}")
+    base = []
+    if isinstance(data, dict) and "grid" in data:
+        unknown = sorted(set(data) - {"grid", "base"})
+        if unknown:
+            raise GridError(f"grid file {path}: unknown top-level key '{unknown[0]}' (a sweep file has grid and base)")
+        base = data.get("base") or []
+        base = shlex.split(base) if isinstance(base, str) else [str(token) for token in base]
+        data = data["grid"]
     if data is None or data == [] or data == {}:
-        raise GridError(f"grid file {path} is empty")
-    return data
+        raise GridError(f"grid file {path} has an empty grid")
+    return data, base
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -197,14 +209,13 @@ def _merge(a, b, where):
     return {**a, **b}
 
 
-def grid_points(cli_axes=(), grid_file=None):
-    """The sweep's points from ``--grid`` strings and/or a grid file (their product)."""
+def grid_points(cli_axes=(), file_node=None, where="grid file"):
+    """The sweep's points from ``--grid`` strings and/or a grid file's node (their product)."""
     nodes = []
-    if grid_file:
-        nodes.append(load_grid_file(grid_file))
+    if file_node is not None:
+        nodes.append(expand(file_node, where))
     if cli_axes:
-        nodes.append(cli_grid(cli_axes))
+        nodes.append(expand(cli_grid(cli_axes), "--grid"))
     if not nodes:
         raise GridError("empty grid: give at least one --grid key=value1,value2 or a --grid_file")
-    where = os.path.basename(grid_file) if grid_file else "--grid"
-    return _product([expand(n, where) for n in nodes], where)
+    return _product(nodes, where)

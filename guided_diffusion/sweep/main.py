@@ -6,10 +6,11 @@ import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 from .execute import (SweepError, SweepFolder, evaluate, finished_samples, read_first_images,
                       sample_command, sample_points)
-from .grid import GridError, grid_points
+from .grid import GridError, grid_points, load_grid_file
 from .plan import PlanError, Planner, make_base, parse_baseline
 from .report import metric_keys, point_rows, write_reports
 
@@ -93,15 +94,36 @@ def _features(flags):
     return flags[flags.index("--features") + 1] if "--features" in flags[:-1] else "inception"
 
 
+@dataclass
+class Sweep:
+    """Everything decided before anything runs."""
+
+    planner: Planner
+    points: list  # every point to sample, the baseline first when it is a point of its own
+    baseline: object  # the baseline Point, or None
+    swept: list  # the grid's keys
+    eval_flags: list
+    mpiexec: str
+    metrics: list  # metrics in the figures (empty: all)
+    folder: SweepFolder
+
+    @property
+    def kind(self):
+        return self.planner.base.kind
+
+    def command(self, point, args):
+        return sample_command(point, self.kind, args.nproc, self.mpiexec or "mpiexec")
+
+
 def plan_sweep(args, base_argv):
-    """Everything decided before anything runs; raises PlanError/GridError on bad input."""
+    """Check everything (raises PlanError/GridError on bad input) without writing anything."""
     if args.nproc < 1 or args.eval_nproc < 1:
         raise PlanError("--nproc and --eval_nproc must be at least 1")
-    base = make_base(args.preset, args.script, base_argv)
-    planner = Planner(base, args.seed)
-    raw = grid_points(args.grid, args.grid_file or None)
+    file_node, file_base = load_grid_file(args.grid_file) if args.grid_file else (None, [])
+    planner = Planner(make_base(args.preset, args.script, file_base + base_argv), args.seed)
+    raw = grid_points(args.grid, file_node, os.path.basename(args.grid_file))
     baseline = None if args.no_baseline else parse_baseline(args.baseline or ["guide_scale=1.0"])
-    ordered, points, base_point, swept = planner.plan(raw, baseline)
+    everyone, _, base_point, swept = planner.plan(raw, baseline)
     eval_flags = evaluator_flags(args, planner)
     if not args.dry_run and not args.ref:
         raise PlanError("--ref REF.npz is required (the reference batch every point is evaluated against)")
@@ -113,25 +135,26 @@ def plan_sweep(args, base_argv):
         if not mpiexec:
             raise PlanError("--nproc/--eval_nproc > 1 needs mpiexec (pip install mpich) or --mpiexec PATH")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    return planner, ordered, points, base_point, swept, eval_flags, mpiexec, metrics
+    folder = SweepFolder(args.out)
+    folder.check_base(planner.base.kind, planner.base_args, planner.defaults(),
+                      write=not (args.dry_run or args.evaluate_only))
+    folder.assign_dirs(everyone)
+    return Sweep(planner, everyone, base_point, swept, eval_flags, mpiexec, metrics, folder)
 
 
 def main(argv=None):
     args, base_argv = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        planner, ordered, grid, base_point, swept, eval_flags, mpiexec, metrics = plan_sweep(args, base_argv)
-        folder = SweepFolder(args.out)
-        folder.check_base(planner.base.kind, planner.base_args, planner.defaults(), write=not (args.dry_run or args.evaluate_only))
-        folder.assign_dirs(ordered)
+        sweep = plan_sweep(args, base_argv)
         if args.dry_run:
-            return dry_run(args, planner, ordered, mpiexec)
+            return dry_run(args, sweep)
         status = {}
         if not args.evaluate_only:
-            print(f"sweep: {len(ordered)} point(s) of {planner.script} ({planner.base.source}), "
-                  f"{planner.base_args.num_samples} samples each, seed {args.seed}"
-                  f"{f', mpiexec -n {args.nproc}' if args.nproc > 1 else ''}; folder {folder.out}", flush=True)
-            status = sample_points(ordered, planner.base.kind, folder, args.nproc, mpiexec, args.keep_going)
-        return finish(args, planner, folder, ordered, grid, base_point, swept, eval_flags, mpiexec, metrics, status)
+            print(f"sweep: {len(sweep.points)} point(s) of {sweep.planner.script} ({sweep.planner.base.source}), "
+                  f"{sweep.planner.base_args.num_samples} samples each, seed {args.seed}"
+                  f"{f', mpiexec -n {args.nproc}' if args.nproc > 1 else ''}; folder {sweep.folder.out}", flush=True)
+            status = sample_points(sweep.points, sweep.kind, sweep.folder, args.nproc, sweep.mpiexec, args.keep_going)
+        return finish(args, sweep, status)
     except (PlanError, GridError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -141,57 +164,58 @@ def main(argv=None):
         return 130
 
 
-def dry_run(args, planner, points, mpiexec):
-    for p in points:
-        state = "finished" if finished_samples(p) else "to sample"
-        print(f"# {p.name} ({state})", file=sys.stderr)
-        print(shlex.join(sample_command(p, planner.base.kind, args.nproc, mpiexec or "mpiexec")))
-    print(f"# {len(points)} point(s); after sampling them (in any order, anywhere sharing {os.path.abspath(args.out)}), "
-          "run this sweep command with --evaluate_only for the tables and figures", file=sys.stderr)
+def dry_run(args, sweep):
+    for p in sweep.points:
+        print(f"# {p.name} ({'finished' if finished_samples(p) else 'to sample'})", file=sys.stderr, flush=True)
+        print(shlex.join(sweep.command(p, args)), flush=True)
+    print(f"# {len(sweep.points)} point(s); once they are sampled (in any order, on any machine sharing "
+          f"{sweep.folder.out}), the same sweep command with --evaluate_only writes the tables and figures",
+          file=sys.stderr)
     return 0
 
 
-def finish(args, planner, folder, ordered, grid, base_point, swept, eval_flags, mpiexec, metrics, status):
-    done = [p for p in ordered if finished_samples(p)]
-    missing = [p for p in ordered if p not in done]
+def finish(args, sweep, status):
+    """Evaluate the finished points (one evaluator run for the new ones), write tables and figures."""
+    done = [p for p in sweep.points if finished_samples(p)]
+    missing = [p for p in sweep.points if p not in done]
     if missing:
         print(f"{len(missing)} point(s) without finished samples, left out: "
               + ", ".join(p.name for p in missing[:6]) + (" ..." if len(missing) > 6 else ""), flush=True)
     if not done:
         raise SweepError("no point has finished samples yet; run the sweep without --evaluate_only first")
     files = {p.name: finished_samples(p) for p in done}
-    by_file = evaluate(list(files.values()), args.ref, eval_flags, folder, args.eval_nproc, mpiexec)
+    by_file = evaluate(list(files.values()), args.ref, sweep.eval_flags, sweep.folder, args.eval_nproc, sweep.mpiexec)
     results = {name: by_file[f] for name, f in files.items()}
-    rows, all_metrics = point_rows(done, results, swept, folder.out)
-    unknown = [m for m in metrics if m not in all_metrics]
+    rows, all_metrics = point_rows(done, results, sweep.swept, sweep.folder.out)
+    unknown = [m for m in sweep.metrics if m not in all_metrics]
     if unknown:
         raise PlanError(f"--metrics {','.join(unknown)}: not in the evaluator's results ({', '.join(all_metrics)})")
-    b = planner.base_args
-    model = os.path.splitext(os.path.basename(b.model_path))[0] or "model"
+    b = sweep.planner.base_args
     meta = {
-        "script": planner.script, "base": planner.base.source, "model": model, "model_path": b.model_path,
+        "script": sweep.planner.script, "base": sweep.planner.base.source,
+        "model": os.path.splitext(os.path.basename(b.model_path))[0] or "model", "model_path": b.model_path,
         "num_samples": b.num_samples, "image_size": b.image_size, "seed": args.seed,
-        "reference": args.ref, "features": _features(eval_flags), "evaluator_flags": eval_flags,
-        "base_command": planner.base.argv, "grid": args.grid, "grid_file": args.grid_file,
-        "baseline": base_point.name if base_point is not None and base_point in done else None,
+        "reference": args.ref, "features": _features(sweep.eval_flags), "evaluator_flags": sweep.eval_flags,
+        "base_command": sweep.planner.base.argv, "grid": args.grid, "grid_file": args.grid_file,
+        "baseline": sweep.baseline.name if sweep.baseline in done else None,
+        "baseline_flags": args.baseline or ([] if args.no_baseline else ["guide_scale=1.0"]),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     points_json = [{
         "name": p.name, "label": p.label, "settings": p.settings, "baseline": p.baseline,
-        "same_as": p.aliases, "dir": os.path.relpath(p.dir, folder.out),
+        "same_as": p.aliases, "dir": os.path.relpath(p.dir, sweep.folder.out),
         "status": status.get(p.name, "cached"), "metrics": {m: results[p.name].get(m) for m in all_metrics},
-        "samples": os.path.relpath(files[p.name], folder.out),
-        "command": shlex.join(sample_command(p, planner.base.kind, args.nproc, mpiexec or "mpiexec")),
+        "samples": os.path.relpath(files[p.name], sweep.folder.out), "command": shlex.join(sweep.command(p, args)),
     } for p in done]
-    paths = write_reports(folder.out, rows, all_metrics, swept, meta, points_json)
+    paths = write_reports(sweep.folder.out, rows, all_metrics, sweep.swept, meta, points_json)
     if not args.no_figures:
-        paths += figures(args, folder, done, grid, base_point, swept, results, metrics or all_metrics, meta)
+        paths += figures(args, sweep, done, results, sweep.metrics or all_metrics, meta)
     with open(paths[2]) as f:
         print("\n" + f.read())
     print("wrote " + ", ".join(_shown(p) for p in paths), flush=True)
     failed = [name for name, s in status.items() if s == "failed"]
     if failed:
-        raise SweepError(f"{len(failed)} point(s) failed: {', '.join(failed)}; see {folder.logs}")
+        raise SweepError(f"{len(failed)} point(s) failed: {', '.join(failed)}; see {sweep.folder.logs}")
     return 0
 
 
@@ -200,19 +224,24 @@ def _shown(path):
     return path if rel.startswith("..") else rel
 
 
-def figures(args, folder, done, grid, base_point, swept, results, metrics, meta):
-    from .plots import metric_figures, sample_sheet
+def figures(args, sweep, done, results, metrics, meta):
+    """Metric figures and the sample sheet; a line (not an error) when matplotlib is missing."""
+    try:
+        from .plots import metric_figures, sample_sheet
+    except ImportError:
+        print("figures skipped: they need matplotlib (pip install matplotlib, or pip install -e '.[sweep]')",
+              flush=True)
+        return []
 
     def record(p):
-        return {"settings": p.settings, "metrics": results[p.name], "label": p.label}
+        return {"settings": p.settings, "metrics": results[p.name], "label": p.label, "seed": p.args.seed}
 
-    records = [record(p) for p in grid if p in done]
-    baseline = None
-    if base_point is not None and base_point in done:
-        baseline = dict(record(base_point), label=", ".join(args.baseline or ["guide_scale=1.0"]))
     title = (f"{meta['model']} ({meta['script']}), {meta['num_samples']} samples per point, seed {meta['seed']}, "
              f"{meta['features']} features")
-    paths = metric_figures(folder.out, records, swept, metrics, baseline, title) if records else []
+    lines = [record(p) for p in done if not p.baseline]
+    baseline = [record(p) for p in done if p.baseline]
+    label = ", ".join(meta["baseline_flags"])
+    paths = metric_figures(sweep.folder.out, lines, sweep.swept, metrics, baseline, label, args.seed, title) if lines else []
     if args.sheet_images > 0:
         rows = []
         for p in done:
@@ -220,7 +249,7 @@ def figures(args, folder, done, grid, base_point, swept, results, metrics, meta)
             rows.append((p.label + (" (baseline)" if p.baseline else ""), images, labels))
         sheet_title = (f"{meta['model']}: the first {args.sheet_images} samples of each point "
                        f"(same seed {meta['seed']} unless swept)")
-        paths.append(sample_sheet(os.path.join(folder.out, "sample_sheet.png"), rows, sheet_title))
+        paths.append(sample_sheet(os.path.join(sweep.folder.out, "sample_sheet.png"), rows, sheet_title))
     return paths
 
 

@@ -216,9 +216,9 @@ class Point:
         return ", ".join(f"{k}={format_value(v)}" for k, v in self.settings.items()) or "base command"
 
 
-def identity_of(args):
+def identity_of(args, ignore=()):
     """Hash of everything that changes the samples (what the scripts compare on resume)."""
-    record = {k: v for k, v in sorted(vars(args).items()) if k not in HARMLESS}
+    record = {k: v for k, v in sorted(vars(args).items()) if k not in HARMLESS and k not in ignore}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -285,8 +285,10 @@ class Planner:
                      list(self.base.argv))
 
     def plan(self, raw_points, baseline=None):
-        """Validated, de-duplicated points (grid order), the baseline point (one of them, a point
-        of its own, or None when not wanted) and the swept keys.
+        """``(everyone, grid points, baseline point, swept keys)``: validated, de-duplicated points
+        in grid order; the baseline is one of them or a point of its own (first in ``everyone``),
+        or None when not wanted. Points equal to the baseline but for the seed are marked
+        ``baseline`` too (its repeats).
 
         Every key is checked before any value, so a misspelt flag is reported as such."""
         for raw in list(raw_points) + ([baseline] if baseline else []):
@@ -310,7 +312,10 @@ class Planner:
                 b.name = f"baseline__{b.name}"
                 base_point = b
                 everyone.insert(0, b)
-            base_point.baseline = True
+            # The baseline and its repeats with other seeds.
+            same = identity_of(base_point.args, ignore=("seed",))
+            for p in everyone:
+                p.baseline = identity_of(p.args, ignore=("seed",)) == same
         names = [p.name for p in everyone]
         for p in everyone:
             # Every point shows every swept key (union grids leave some at the base's value).

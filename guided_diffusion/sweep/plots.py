@@ -1,9 +1,11 @@
 """Figures of a sweep (matplotlib, PNG): each metric against each swept parameter, and a sheet
 of the first samples of every point.
 
-In the metric figures, keys that always change together (zipped axes) form one parameter;
-points that differ only in ``seed`` are repeats of one setting, drawn as their mean with a
-bar from the lowest to the highest value; the baseline is a dashed horizontal line.
+In the metric figures, keys that always change together (zipped axes) form one parameter.
+Points that differ only in ``seed`` are repeats of one setting: the line goes through the value
+at the sweep's own seed (so every line compares the same seeds) and a bar spans the lowest to the
+highest value over the seeds. The baseline is a dashed horizontal line (its value at the sweep's
+seed) with a band over its repeats.
 """
 
 import math
@@ -18,14 +20,14 @@ from .report import METRIC_NAMES
 BETTER = {"fid": "lower", "sfid": "lower", "inception_score": "higher", "precision": "higher",
           "recall": "higher", "accuracy": "higher"}
 PARAM_LABELS = {
-    "guide_scale": "guidance scale s (1 = no guidance)",
-    "blur_sigma": "SAG blur sigma (pixels)",
-    "guide_start": "guide_start (guided while respaced t < guide_start)",
-    "sel_attn_block": "attention block",
-    "sel_attn_depth": "attention block depth (index in its block list)",
+    "guide_scale": "guidance scale s; 1 = no guidance",
+    "blur_sigma": "SAG blur sigma, pixels",
+    "guide_start": "guided while the respaced step t < guide_start",
+    "sel_attn_block": "block list of the attention map",
+    "sel_attn_depth": "index in the --sel_attn_block list",
     "classifier_scale": "classifier guidance scale",
     "timestep_respacing": "sampling steps",
-    "sag_heads": "attention heads used for the map",
+    "sag_heads": "heads used for the attention map",
     "drop_layers": "perturbed attention layers",
 }
 
@@ -65,14 +67,27 @@ def _x_value(record, group):
 
 
 def _param_label(group):
-    if len(group) == 1:
-        return PARAM_LABELS.get(group[0], group[0])
+    """The flag name(s), with what they mean where known (``guide_scale (guidance scale s; ...)``)."""
+    if len(group) == 1 and group[0] in PARAM_LABELS:
+        return f"{group[0]} ({PARAM_LABELS[group[0]]})"
     return " / ".join(group)
 
 
-def metric_figure(path, group, records, metrics, others, baseline, title):
+def _center(records, metric, seed):
+    """``(value at the sweep's seed (else the mean), lowest, highest, count)`` over repeats."""
+    found = [(r["seed"], r["metrics"].get(metric)) for r in records]
+    found = [(s, v) for s, v in found if v is not None and not math.isnan(v)]
+    if not found:
+        return None
+    values = [v for _, v in found]
+    at_seed = [v for s, v in found if s == seed]
+    return (at_seed[0] if at_seed else float(np.mean(values))), min(values), max(values), len(values)
+
+
+def metric_figure(path, group, records, metrics, others, baseline, baseline_label, seed, title):
     """One PNG: a panel per metric against the parameter ``group``, one line per setting of the
-    ``others``; repeats (seeds) as mean with min-max bars; the baseline as a dashed line."""
+    ``others``; repeats over seeds as bars (see the module docstring); the baseline records (the
+    baseline and its repeats) as a dashed line with a band."""
     plt = _matplotlib()
     numeric = all(_is_number(_x_value(r, group)) for r in records)
     categories = list(dict.fromkeys(_x_value(r, group) for r in records)) if not numeric else None
@@ -87,27 +102,31 @@ def metric_figure(path, group, records, metrics, others, baseline, title):
     for ax, metric in zip(axes.flat, metrics):
         for i, (line, by_x) in enumerate(lines.items()):
             xs = sorted(by_x) if numeric else sorted(by_x, key=categories.index)
-            values = [[r["metrics"].get(metric) for r in by_x[x]] for x in xs]
-            values = [[v for v in vs if v is not None and not math.isnan(v)] for vs in values]
-            keep = [j for j, vs in enumerate(values) if vs]
-            if not keep:
+            found = [(x, _center(by_x[x], metric, seed)) for x in xs]
+            found = [(x, c) for x, c in found if c is not None]
+            if not found:
                 continue
-            px = [xs[j] if numeric else categories.index(xs[j]) for j in keep]
-            mean = [float(np.mean(values[j])) for j in keep]
-            low = [m - min(values[j]) for m, j in zip(mean, keep)]
-            high = [max(values[j]) - m for m, j in zip(mean, keep)]
+            px = [x if numeric else categories.index(x) for x, _ in found]
+            mid = [c[0] for _, c in found]
+            bars = [[c[0] - c[1] for _, c in found], [c[2] - c[0] for _, c in found]]
             label = ", ".join(f"{'/'.join(g)}={v}" for g, v in line) or "sweep"
-            if any(len(values[j]) > 1 for j in keep):
-                label += " (bars: min-max over seeds)"
-            h = ax.errorbar(px, mean, yerr=[low, high], marker="o", ms=4, capsize=3, lw=1.4,
+            if any(c[3] > 1 for _, c in found):
+                label += " (bar: range over seeds)"
+            h = ax.errorbar(px, mid, yerr=bars, marker="o", ms=4, capsize=3, lw=1.4,
                             color=plt.cm.tab10(i % 10) if len(lines) <= 10 else plt.cm.viridis(i / len(lines)))
             handles.setdefault(label, h)
-        if baseline is not None and baseline["metrics"].get(metric) is not None:
-            h = ax.axhline(baseline["metrics"][metric], ls="--", color="0.35", lw=1.2)
-            handles.setdefault(f"baseline ({baseline['label']})", h)
+        base = _center(baseline, metric, seed) if baseline else None
+        if base is not None:
+            h = ax.axhline(base[0], ls="--", color="0.35", lw=1.2)
+            if base[3] > 1:
+                ax.axhspan(base[1], base[2], color="0.5", alpha=0.15, lw=0)
+            text = f"baseline ({baseline_label}" + (f"; band: range over {base[3]} seeds)" if base[3] > 1 else ")")
+            handles.setdefault(text, h)
         ax.set_xlabel(_param_label(group))
         better = BETTER.get(metric)
         ax.set_ylabel(METRIC_NAMES.get(metric, metric) + (f" ({better} is better)" if better else ""))
+        if numeric and len({_x_value(r, group) for r in records}) <= 8:
+            ax.set_xticks(sorted({_x_value(r, group) for r in records}))
         if not numeric:
             ax.set_xticks(range(len(categories)))
             ax.set_xticklabels(categories, rotation=20 if max(len(str(c)) for c in categories) > 8 else 0)
@@ -124,7 +143,7 @@ def metric_figure(path, group, records, metrics, others, baseline, title):
     return path
 
 
-def metric_figures(out_dir, records, swept, metrics, baseline, title):
+def metric_figures(out_dir, records, swept, metrics, baseline, baseline_label, seed, title):
     """``fig_<parameter>.png`` for each varying parameter; returns the paths."""
     groups = parameters(records, swept)
     paths = []
@@ -133,7 +152,7 @@ def metric_figures(out_dir, records, swept, metrics, baseline, title):
         name = "fig_" + "+".join(group) + ".png"
         full_title = f"{title}\n{', '.join(METRIC_NAMES.get(m, m) for m in metrics)} vs {' / '.join(group)}"
         paths.append(metric_figure(os.path.join(out_dir, name), group, records, metrics, others, baseline,
-                                   full_title))
+                                   baseline_label, seed, full_title))
     return paths
 
 
@@ -165,10 +184,17 @@ def sample_sheet(path, rows, title, scale=None):
         ax.set_xticklabels([f"y={int(v)}" for v in labels[0][:n]], fontsize=7)
     else:
         ax.set_xticks([])
+        for i, (_, images, lab) in enumerate(rows):
+            for j in range(len(images) if lab is not None else 0):
+                ax.text(pad + j * (w + pad) + 1, pad + i * (h + pad) + 1, str(int(lab[j])), fontsize=6,
+                        color="white", va="top", ha="left",
+                        bbox=dict(boxstyle="square,pad=0.1", fc="black", alpha=0.6, lw=0))
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(title + ("; column = class label" if same_labels else ""), fontsize=9, pad=16 if same_labels else 6)
+    any_labels = any(lab is not None for lab in labels)
+    note = "; column = class label" if same_labels else "; corner = class label" if any_labels else ""
+    ax.set_title(title + note, fontsize=9, pad=16 if same_labels else 6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

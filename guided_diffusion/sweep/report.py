@@ -91,6 +91,7 @@ def write_reports(out, rows, metrics, swept, meta, points_json):
     doc = dict(meta, swept=list(swept), metrics=metrics, points=points_json)
     write_atomic(paths[1], json.dumps(doc, indent=2, default=str) + "\n")
     caption = (f"Sweep of {meta['script']} ({meta['model']}), {meta['num_samples']} samples per point, "
-               f"evaluated against `{meta['reference']}` ({meta['features']} features).")
+               f"evaluated against `{meta['reference']}` ({meta['features']} features)."
+               + (f" Baseline: {', '.join(meta['baseline_flags'])}." if meta.get("baseline") else ""))
     write_atomic(paths[2], markdown_table(rows, metrics, swept, caption))
     return paths
