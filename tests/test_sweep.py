@@ -160,3 +160,14 @@ def test_changed_base_command_is_refused(setup, tmp_path):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "another base command or seed (--num_samples 99 there vs 6 now)" in proc.stderr
     assert sorted(os.listdir(out)) == ["base.json"]
+
+
+def test_a_failing_point_stops_the_sweep_with_the_scripts_error(setup, tmp_path):
+    out = tmp_path / "fail"
+    cmd = sweep_cmd(setup, out, "--no_baseline", grid=["--grid", "sel_attn_depth=7,1"])
+    proc = subprocess.run(cmd, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: point sel_attn_depth=7 failed: ")
+    assert "--sel_attn_depth 7" in proc.stderr and "valid (block depth) choices" in proc.stderr
+    assert re.search(r"\[1/2\] failed\s+sel_attn_depth=7", proc.stdout)
+    assert not (out / "points" / "sel_attn_depth=1").exists()  # stopped: the next point never ran

@@ -156,9 +156,9 @@ class SweepFolder:
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_command(point, kind, nproc=1, mpiexec="mpiexec", python=None):
+def sample_command(point, kind, nproc=1, mpiexec="mpiexec"):
     """The full command that samples one point."""
-    cmd = [python or sys.executable, SAMPLE_SCRIPT.format(kind=kind), *point_argv(point)]
+    cmd = [sys.executable, SAMPLE_SCRIPT.format(kind=kind), *point_argv(point)]
     return ([mpiexec, "-n", str(nproc)] + cmd) if nproc > 1 else cmd
 
 
@@ -238,7 +238,7 @@ class Progress:
 
     def __init__(self, total, stream=None):
         self.total, self.stream = total, stream or sys.stdout
-        self.index, self.times, self.width = 0, [], 0
+        self.times = []  # seconds of each point sampled in this run
 
     def line(self, index, status, point, extra=""):
         text = f"[{index:>{len(str(self.total))}}/{self.total}] {status:<8} {point.name}"

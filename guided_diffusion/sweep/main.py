@@ -63,6 +63,14 @@ def parse_args(argv):
     e.add_argument("--metrics", default="", help="metrics in the figures, e.g. fid,precision,recall (default: all)")
     e.add_argument("--sheet_images", type=int, default=8, help="samples per row of the sample sheet (0: none)")
     e.add_argument("--no_figures", action="store_true", help="tables only")
+
+    def error(message):  # one line, not the usage block
+        if message.startswith("unrecognized arguments"):
+            message += " (flags of the sampling script go after --)"
+        print(f"error: {message}; see python scripts/sweep.py --help", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = error
     args = p.parse_args(own)
     if not args.out:
         p.error("--out is required (the sweep folder)")
@@ -186,7 +194,7 @@ def finish(args, sweep, status):
     files = {p.name: finished_samples(p) for p in done}
     by_file = evaluate(list(files.values()), args.ref, sweep.eval_flags, sweep.folder, args.eval_nproc, sweep.mpiexec)
     results = {name: by_file[f] for name, f in files.items()}
-    rows, all_metrics = point_rows(done, results, sweep.swept, sweep.folder.out)
+    rows, all_metrics = point_rows(done, results, files, sweep.swept, sweep.folder.out)
     unknown = [m for m in sweep.metrics if m not in all_metrics]
     if unknown:
         raise PlanError(f"--metrics {','.join(unknown)}: not in the evaluator's results ({', '.join(all_metrics)})")

@@ -25,10 +25,10 @@ def metric_keys(results):
     return [k for k in METRIC_ORDER if k in found] + [k for k in found if k not in METRIC_ORDER]
 
 
-def point_rows(points, results, swept, folder_out):
+def point_rows(points, results, files, swept, folder_out):
     """One dict per point: name, swept settings, seed, baseline flag, sample count, metrics, file.
 
-    ``results`` maps point name -> evaluator row (missing for points not evaluated)."""
+    ``results`` maps point name -> evaluator row, ``files`` point name -> samples file."""
     metrics = metric_keys(list(results.values()))
     rows = []
     for p in points:
@@ -42,7 +42,7 @@ def point_rows(points, results, swept, folder_out):
         row["num_samples"] = result.get("num_samples", p.args.num_samples)
         for m in metrics:
             row[m] = result.get(m)
-        row["samples"] = os.path.relpath(result["sample"], folder_out) if "sample" in result else ""
+        row["samples"] = os.path.relpath(files[p.name], folder_out)
         rows.append(row)
     return rows, metrics
 
