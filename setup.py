@@ -14,6 +14,7 @@ setup(
     extras_require={
         "mpi": ["mpich"],  # an MPI runtime (mpiexec) inside the virtual environment
         "images": ["pillow"],  # image-folder datasets for training
-        "test": ["pytest", "mpich", "pillow"],
+        "sweep": ["matplotlib"],  # figures of scripts/sweep.py (tables need nothing extra)
+        "test": ["pytest", "mpich", "pillow", "matplotlib"],
     },
 )

@@ -14,7 +14,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "[setup] installing $TORCH_SPEC"
     .venv/bin/pip install -q "$TORCH_SPEC"
 fi
-if ! .venv/bin/python -c "import guided_diffusion, evaluations, mpi4py, pytest, scipy, tqdm, PIL" 2>/dev/null \
+if ! .venv/bin/python -c "import guided_diffusion, evaluations, mpi4py, pytest, scipy, tqdm, PIL, matplotlib" 2>/dev/null \
    || [ ! -x .venv/bin/mpiexec ]; then
     echo "[setup] installing sag-adm and its dependencies"
     .venv/bin/pip install -q -e ".[test]"
