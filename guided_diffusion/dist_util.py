@@ -142,9 +142,11 @@ class _Store:
         self._store, self._seq, self._last_beats = None, 0, {}
 
     def _connect(self, host_store):
-        store = dist.TCPStore(self._address[0], self._address[1], world_size=self.size,
-                              is_master=host_store, timeout=STORE_TIMEOUT, wait_for_workers=False)
-        return dist.PrefixStore(self._prefix, store)
+        return dist.TCPStore(self._address[0], self._address[1], world_size=self.size,
+                             is_master=host_store, timeout=STORE_TIMEOUT, wait_for_workers=False)
+
+    def _key(self, name):
+        return self._prefix + name  # (not a PrefixStore: torch < 2.2's lacks check())
 
     @property
     def store(self):
@@ -162,7 +164,7 @@ class _Store:
     def _heartbeat(self, store):
         while True:
             try:
-                store.add(f"beat/{self.rank}", 1)
+                store.add(self._key(f"beat/{self.rank}"), 1)
             except Exception:  # the store is gone: the waiting side notices
                 return
             time.sleep(HEARTBEAT_SECONDS)
@@ -170,7 +172,7 @@ class _Store:
     def _check_peers(self, store):
         now = time.monotonic()
         for peer in range(self.size):
-            count = store.add(f"beat/{peer}", 0)
+            count = store.add(self._key(f"beat/{peer}"), 0)
             last = self._last_beats.get(peer)
             # A peer still starting up (no beat yet) gets as long as reaching the store may take.
             allowed = PEER_SILENCE_SECONDS if count else STORE_TIMEOUT.total_seconds()
@@ -184,9 +186,10 @@ class _Store:
         """Block until ``key`` exists; exit if a peer aborted or went silent, or the store is gone."""
         store, pause, next_check = self.store, 0.01, 0.0
         try:
-            while not store.check([key]):
-                if store.check(["abort"]):
-                    raise SystemExit(f"error: stopping rank {self.rank}: {store.get('abort').decode()}")
+            while not store.check([self._key(key)]):
+                if store.check([self._key("abort")]):
+                    reason = store.get(self._key("abort")).decode()
+                    raise SystemExit(f"error: stopping rank {self.rank}: {reason}")
                 if time.monotonic() >= next_check:
                     self._check_peers(store)
                     next_check = time.monotonic() + HEARTBEAT_SECONDS
@@ -202,20 +205,20 @@ class _Store:
         self._seq += 1
         key = f"bcast/{self._seq}"
         if self.rank == 0:
-            self.store.set(key, pickle.dumps(obj))
+            self.store.set(self._key(key), pickle.dumps(obj))
             return obj
         self._wait(key)
-        return pickle.loads(self.store.get(key))
+        return pickle.loads(self.store.get(self._key(key)))
 
     def barrier(self, tick=None):
         self._seq += 1
-        if self.store.add(f"barrier/{self._seq}", 1) == self.size:
-            self.store.set(f"barrier/{self._seq}/done", b"1")
+        if self.store.add(self._key(f"barrier/{self._seq}"), 1) == self.size:
+            self.store.set(self._key(f"barrier/{self._seq}/done"), b"1")
         self._wait(f"barrier/{self._seq}/done", tick)
 
     def abort(self, reason):
         try:
-            self.store.set("abort", f"rank {self.rank} failed: {reason}".encode())
+            self.store.set(self._key("abort"), f"rank {self.rank} failed: {reason}".encode())
         except Exception:
             pass
 
