@@ -241,7 +241,8 @@ def _store_group(kind):
     else:
         rank, size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         local = int(env.get("SLURM_LOCALID", "0"))
-        host = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        host = env.get("MASTER_ADDR") or first_host(nodes)
         job = int(env.get("SLURM_JOB_ID", "0")) + int(env.get("SLURM_STEP_ID", "0") or 0)
         port = int(env.get("MASTER_PORT") or 20000 + job % 20000)
         agent, prefix = False, "sag_adm/"
@@ -403,9 +404,9 @@ def abort(reason):
 def load_state_dict(path, **kwargs):
     """Load a torch checkpoint (kwargs go to ``torch.load``), reading the file once per node.
 
-    Local files are memory-mapped (torch >= 2.1), so the processes of one node share the OS page
-    cache.  Only tensors and plain containers are unpickled (``weights_only``).  Other paths (blobfile URLs) are read by rank 0 and broadcast over MPI in chunks (each
-    rank reads them itself without MPI).
+    Local files are memory-mapped, so the processes of one node share the OS page cache.  Only
+    tensors and plain containers are unpickled (``weights_only``).  Other paths (blobfile URLs)
+    are read by rank 0 and broadcast over MPI in chunks (each rank reads them itself without MPI).
     """
     kwargs.setdefault("map_location", "cpu")
     kwargs.setdefault("weights_only", True)  # torch >= 2.6's default, explicit for older releases
