@@ -146,7 +146,7 @@ class _Store:
                              is_master=host_store, timeout=STORE_TIMEOUT, wait_for_workers=False)
 
     def _key(self, name):
-        return self._prefix + name  # (not a PrefixStore: torch < 2.2's lacks check())
+        return self._prefix + name
 
     @property
     def store(self):
@@ -182,13 +182,20 @@ class _Store:
                 raise SystemExit(f"error: stopping rank {self.rank}: rank {peer} stopped responding "
                                  f"(no heartbeat for {allowed:.0f} s)")
 
-    def _wait(self, key, tick=None):
-        """Block until ``key`` exists; exit if a peer aborted or went silent, or the store is gone."""
+    def _raised(self, flag):
+        """Whether counter ``flag`` was raised (counters, not key checks: torch 2.1 has no check())."""
+        return self.store.add(self._key(flag), 0) > 0
+
+    def _raise(self, flag):
+        self.store.add(self._key(flag), 1)
+
+    def _wait(self, flag, tick=None):
+        """Block until ``flag`` is raised; exit if a peer aborted or went silent, or the store is gone."""
         store, pause, next_check = self.store, 0.01, 0.0
         try:
-            while not store.check([self._key(key)]):
-                if store.check([self._key("abort")]):
-                    reason = store.get(self._key("abort")).decode()
+            while not self._raised(flag):
+                if self._raised("abort"):
+                    reason = store.get(self._key("abort/reason")).decode()
                     raise SystemExit(f"error: stopping rank {self.rank}: {reason}")
                 if time.monotonic() >= next_check:
                     self._check_peers(store)
@@ -206,19 +213,22 @@ class _Store:
         key = f"bcast/{self._seq}"
         if self.rank == 0:
             self.store.set(self._key(key), pickle.dumps(obj))
+            self._raise(f"{key}/ready")
             return obj
-        self._wait(key)
+        self._wait(f"{key}/ready")
         return pickle.loads(self.store.get(self._key(key)))
 
     def barrier(self, tick=None):
         self._seq += 1
-        if self.store.add(self._key(f"barrier/{self._seq}"), 1) == self.size:
-            self.store.set(self._key(f"barrier/{self._seq}/done"), b"1")
-        self._wait(f"barrier/{self._seq}/done", tick)
+        key = f"barrier/{self._seq}"
+        if self.store.add(self._key(key), 1) == self.size:
+            self._raise(f"{key}/done")
+        self._wait(f"{key}/done", tick)
 
     def abort(self, reason):
         try:
-            self.store.set(self._key("abort"), f"rank {self.rank} failed: {reason}".encode())
+            self.store.set(self._key("abort/reason"), f"rank {self.rank} failed: {reason}".encode())
+            self._raise("abort")
         except Exception:
             pass
 
