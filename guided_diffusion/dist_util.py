@@ -142,9 +142,11 @@ class _Store:
         self._store, self._seq, self._last_beats = None, 0, {}
 
     def _connect(self, host_store):
-        store = dist.TCPStore(self._address[0], self._address[1], world_size=self.size,
-                              is_master=host_store, timeout=STORE_TIMEOUT, wait_for_workers=False)
-        return dist.PrefixStore(self._prefix, store)
+        return dist.TCPStore(self._address[0], self._address[1], world_size=self.size,
+                             is_master=host_store, timeout=STORE_TIMEOUT, wait_for_workers=False)
+
+    def _key(self, name):
+        return self._prefix + name
 
     @property
     def store(self):
@@ -162,7 +164,7 @@ class _Store:
     def _heartbeat(self, store):
         while True:
             try:
-                store.add(f"beat/{self.rank}", 1)
+                store.add(self._key(f"beat/{self.rank}"), 1)
             except Exception:  # the store is gone: the waiting side notices
                 return
             time.sleep(HEARTBEAT_SECONDS)
@@ -170,7 +172,7 @@ class _Store:
     def _check_peers(self, store):
         now = time.monotonic()
         for peer in range(self.size):
-            count = store.add(f"beat/{peer}", 0)
+            count = store.add(self._key(f"beat/{peer}"), 0)
             last = self._last_beats.get(peer)
             # A peer still starting up (no beat yet) gets as long as reaching the store may take.
             allowed = PEER_SILENCE_SECONDS if count else STORE_TIMEOUT.total_seconds()
@@ -180,13 +182,21 @@ class _Store:
                 raise SystemExit(f"error: stopping rank {self.rank}: rank {peer} stopped responding "
                                  f"(no heartbeat for {allowed:.0f} s)")
 
-    def _wait(self, key, tick=None):
-        """Block until ``key`` exists; exit if a peer aborted or went silent, or the store is gone."""
+    def _raised(self, flag):
+        """Whether counter ``flag`` was raised (counters, not key checks: torch 2.1 has no check())."""
+        return self.store.add(self._key(flag), 0) > 0
+
+    def _raise(self, flag):
+        self.store.add(self._key(flag), 1)
+
+    def _wait(self, flag, tick=None):
+        """Block until ``flag`` is raised; exit if a peer aborted or went silent, or the store is gone."""
         store, pause, next_check = self.store, 0.01, 0.0
         try:
-            while not store.check([key]):
-                if store.check(["abort"]):
-                    raise SystemExit(f"error: stopping rank {self.rank}: {store.get('abort').decode()}")
+            while not self._raised(flag):
+                if self._raised("abort"):
+                    reason = store.get(self._key("abort/reason")).decode()
+                    raise SystemExit(f"error: stopping rank {self.rank}: {reason}")
                 if time.monotonic() >= next_check:
                     self._check_peers(store)
                     next_check = time.monotonic() + HEARTBEAT_SECONDS
@@ -202,20 +212,23 @@ class _Store:
         self._seq += 1
         key = f"bcast/{self._seq}"
         if self.rank == 0:
-            self.store.set(key, pickle.dumps(obj))
+            self.store.set(self._key(key), pickle.dumps(obj))
+            self._raise(f"{key}/ready")
             return obj
-        self._wait(key)
-        return pickle.loads(self.store.get(key))
+        self._wait(f"{key}/ready")
+        return pickle.loads(self.store.get(self._key(key)))
 
     def barrier(self, tick=None):
         self._seq += 1
-        if self.store.add(f"barrier/{self._seq}", 1) == self.size:
-            self.store.set(f"barrier/{self._seq}/done", b"1")
-        self._wait(f"barrier/{self._seq}/done", tick)
+        key = f"barrier/{self._seq}"
+        if self.store.add(self._key(key), 1) == self.size:
+            self._raise(f"{key}/done")
+        self._wait(f"{key}/done", tick)
 
     def abort(self, reason):
         try:
-            self.store.set("abort", f"rank {self.rank} failed: {reason}".encode())
+            self.store.set(self._key("abort/reason"), f"rank {self.rank} failed: {reason}".encode())
+            self._raise("abort")
         except Exception:
             pass
 
@@ -238,7 +251,8 @@ def _store_group(kind):
     else:
         rank, size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         local = int(env.get("SLURM_LOCALID", "0"))
-        host = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        host = env.get("MASTER_ADDR") or first_host(nodes)
         job = int(env.get("SLURM_JOB_ID", "0")) + int(env.get("SLURM_STEP_ID", "0") or 0)
         port = int(env.get("MASTER_PORT") or 20000 + job % 20000)
         agent, prefix = False, "sag_adm/"
@@ -400,9 +414,9 @@ def abort(reason):
 def load_state_dict(path, **kwargs):
     """Load a torch checkpoint (kwargs go to ``torch.load``), reading the file once per node.
 
-    Local files are memory-mapped (torch >= 2.1), so the processes of one node share the OS page
-    cache.  Only tensors and plain containers are unpickled (``weights_only``).  Other paths (blobfile URLs) are read by rank 0 and broadcast over MPI in chunks (each
-    rank reads them itself without MPI).
+    Local files are memory-mapped, so the processes of one node share the OS page cache.  Only
+    tensors and plain containers are unpickled (``weights_only``).  Other paths (blobfile URLs)
+    are read by rank 0 and broadcast over MPI in chunks (each rank reads them itself without MPI).
     """
     kwargs.setdefault("map_location", "cpu")
     kwargs.setdefault("weights_only", True)  # torch >= 2.6's default, explicit for older releases

@@ -213,9 +213,15 @@ def sag_class(fast_attention=False, **_flags):
 
 
 def _no_autocast(device_type):
-    if th.amp.is_autocast_available(device_type) and th.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         return th.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_enabled(device_type):
+    if hasattr(th.amp, "is_autocast_available"):  # torch >= 2.4: any device type
+        return th.amp.is_autocast_available(device_type) and th.is_autocast_enabled(device_type)
+    return {"cuda": th.is_autocast_enabled, "cpu": th.is_autocast_cpu_enabled}.get(device_type, bool)()
 
 
 # ---------------------------------------------------------------------------------- classifier overlap

@@ -106,7 +106,8 @@ class Layout:
 
     def shard_files(self):
         """Every shard file (and shard temp file, also of older versions) in the shard dir."""
-        return glob.glob(os.path.join(glob.escape(self.shard_dir), "batch_*")) + durable.stale_temps(self.shard_dir)
+        shards = glob.glob(os.path.join(glob.escape(self.shard_dir), "batch_*"))
+        return shards + durable.stale_temps(self.shard_dir)
 
     def members(self):
         """(name, dtype, shape) of each array the final file holds."""
@@ -216,7 +217,8 @@ def _holder_is_gone(holder):
     """Why the lock's process certainly no longer runs, or None when it may (or does) run."""
     me = _this_process()
     job = holder.get("slurm_job_id")
-    if job and job == me["slurm_job_id"] and me["slurm_restart_count"] > int(holder.get("slurm_restart_count") or 0):
+    restarts = int(holder.get("slurm_restart_count") or 0)
+    if job and job == me["slurm_job_id"] and me["slurm_restart_count"] > restarts:
         return f"SLURM job {job} was requeued since"
     if holder["host"] != me["host"]:
         return None
@@ -260,8 +262,8 @@ def _judge(directory, holder, force):
     if same_host:
         return "held", (f"output dir {directory} is in use by another run ({_describe(holder, directory)}); "
                         "wait for it to finish or choose another --output_dir")
-    return "held", (f"output dir {directory} is locked by a run on another host ({_describe(holder, directory)}); "
-                    "if that run no longer runs, re-run with --force_unlock")
+    return "held", (f"output dir {directory} is locked by a run on another host "
+                    f"({_describe(holder, directory)}); if that run no longer runs, re-run with --force_unlock")
 
 
 def check_lock(directory, force=False):
@@ -366,7 +368,8 @@ def acquire_lock(directory, force=False, warn=_stderr):
 def write_shard(layout, batch, images, labels):
     """Write one finished batch, atomically and durably."""
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-    with durable.atomic_write(layout.shard_path(batch), before_replace=lambda tmp: faults.point("shard_written")) as f:
+    crash_point = lambda tmp: faults.point("shard_written")  # noqa: E731  (test hook)
+    with durable.atomic_write(layout.shard_path(batch), before_replace=crash_point) as f:
         np.savez(f, **arrays)
 
 
