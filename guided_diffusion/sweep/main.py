@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .execute import (SweepError, SweepFolder, evaluate, finished_samples, read_first_images,
                       sample_command, sample_points)
+from .derived import DERIVED, derive
 from .grid import GridError, grid_points, load_grid_file
 from .plan import PlanError, Planner, make_base, parse_baseline
 from .report import metric_keys, point_rows, write_reports
@@ -63,6 +64,9 @@ def parse_args(argv):
     e.add_argument("--metrics", default="", help="metrics in the figures, e.g. fid,precision,recall (default: all)")
     e.add_argument("--sheet_images", type=int, default=8, help="samples per row of the sample sheet (0: none)")
     e.add_argument("--no_figures", action="store_true", help="tables only")
+    e.add_argument("--x_axis", action="append", default=[], choices=sorted(DERIVED),
+                   help="also draw fig_<COLUMN>.png: the metrics against a derived column (nfe: UNet "
+                   "passes per image), one line per setting of the other swept keys; repeatable")
 
     def error(message):  # one line, not the usage block
         if message.startswith("unrecognized arguments"):
@@ -212,7 +216,7 @@ def finish(args, sweep, status):
     points_json = [{
         "name": p.name, "label": p.label, "settings": p.settings, "baseline": p.baseline,
         "same_as": p.aliases, "dir": os.path.relpath(p.dir, sweep.folder.out),
-        "status": status.get(p.name, "cached"), "metrics": {m: results[p.name].get(m) for m in all_metrics},
+        "status": status.get(p.name, "cached"), "derived": derive(p.args), "metrics": {m: results[p.name].get(m) for m in all_metrics},
         "samples": os.path.relpath(files[p.name], sweep.folder.out), "command": shlex.join(sweep.command(p, args)),
     } for p in done]
     paths = write_reports(sweep.folder.out, rows, all_metrics, sweep.swept, meta, points_json)
@@ -235,14 +239,15 @@ def _shown(path):
 def figures(args, sweep, done, results, metrics, meta):
     """Metric figures and the sample sheet; a line (not an error) when matplotlib is missing."""
     try:
-        from .plots import metric_figures, sample_sheet
+        from .plots import derived_figure, metric_figures, sample_sheet
     except ImportError:
         print("figures skipped: they need matplotlib (pip install matplotlib, or pip install -e '.[sweep]')",
               flush=True)
         return []
 
     def record(p):
-        return {"settings": p.settings, "metrics": results[p.name], "label": p.label, "seed": p.args.seed}
+        return {"settings": p.settings, "metrics": results[p.name], "label": p.label, "seed": p.args.seed,
+                "derived": derive(p.args)}
 
     title = (f"{meta['model']} ({meta['script']}), {meta['num_samples']} samples per point, seed {meta['seed']}, "
              f"{meta['features']} features")
@@ -250,6 +255,12 @@ def figures(args, sweep, done, results, metrics, meta):
     baseline = [record(p) for p in done if p.baseline]
     label = ", ".join(meta["baseline_flags"])
     paths = metric_figures(sweep.folder.out, lines, sweep.swept, metrics, baseline, label, args.seed, title) if lines else []
+    for column in dict.fromkeys(args.x_axis):
+        path = derived_figure(sweep.folder.out, column, lines, sweep.swept, metrics, baseline, label, args.seed, title)
+        if path is None:
+            print(f"fig_{column}.png skipped: no point has a {column} value", flush=True)
+        else:
+            paths.append(path)
     if args.sheet_images > 0:
         rows = []
         for p in done:

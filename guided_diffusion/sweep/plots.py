@@ -6,6 +6,9 @@ Points that differ only in ``seed`` are repeats of one setting: the line goes th
 at the sweep's own seed (so every line compares the same seeds) and a bar spans the lowest to the
 highest value over the seeds. The baseline is a dashed horizontal line (its value at the sweep's
 seed) with a band over its repeats.
+
+A derived column (``derived.py``, e.g. ``nfe``) can be the x axis too (``derived_figure``): the
+swept keys it stands for no longer split the lines, the others do.
 """
 
 import math
@@ -13,6 +16,7 @@ import os
 
 import numpy as np
 
+from .derived import DERIVED
 from .plan import format_value
 from .report import METRIC_NAMES
 
@@ -84,17 +88,20 @@ def _center(records, metric, seed):
     return (at_seed[0] if at_seed else float(np.mean(values))), min(values), max(values), len(values)
 
 
-def metric_figure(path, group, records, metrics, others, baseline, baseline_label, seed, title):
+def metric_figure(path, group, records, metrics, others, baseline, baseline_label, seed, title,
+                  x_of=None, x_label=None, log_x=False):
     """One PNG: a panel per metric against the parameter ``group``, one line per setting of the
     ``others``; repeats over seeds as bars (see the module docstring); the baseline records (the
-    baseline and its repeats) as a dashed line with a band."""
+    baseline and its repeats) as a dashed line with a band. ``x_of(record)`` and ``x_label``
+    replace the parameter's value and name on the x axis (a derived column); ``log_x``: log scale."""
     plt = _matplotlib()
-    numeric = all(_is_number(_x_value(r, group)) for r in records)
-    categories = list(dict.fromkeys(_x_value(r, group) for r in records)) if not numeric else None
+    x_of = x_of or (lambda r: _x_value(r, group))
+    numeric = all(_is_number(x_of(r)) for r in records)
+    categories = list(dict.fromkeys(x_of(r) for r in records)) if not numeric else None
     lines = {}
     for r in records:
         line = tuple((g, " ".join(format_value(r["settings"].get(k)) for k in g)) for g in others)
-        lines.setdefault(line, {}).setdefault(_x_value(r, group), []).append(r)
+        lines.setdefault(line, {}).setdefault(x_of(r), []).append(r)
     ncols = min(len(metrics), 4)
     nrows = math.ceil(len(metrics) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.5 * nrows + 0.9), squeeze=False)
@@ -122,11 +129,16 @@ def metric_figure(path, group, records, metrics, others, baseline, baseline_labe
                 ax.axhspan(base[1], base[2], color="0.5", alpha=0.15, lw=0)
             text = f"baseline ({baseline_label}" + (f"; band: range over {base[3]} seeds)" if base[3] > 1 else ")")
             handles.setdefault(text, h)
-        ax.set_xlabel(_param_label(group))
+        ax.set_xlabel(x_label or _param_label(group))
+        if log_x and numeric:
+            ax.set_xscale("log")
+            ax.minorticks_off()
         better = BETTER.get(metric)
         ax.set_ylabel(METRIC_NAMES.get(metric, metric) + (f" ({better} is better)" if better else ""))
-        if numeric and len({_x_value(r, group) for r in records}) <= 8:
-            ax.set_xticks(sorted({_x_value(r, group) for r in records}))
+        xs_all = sorted({x_of(r) for r in records}) if numeric else []
+        if numeric and (len(xs_all) <= 8 or log_x):
+            ax.set_xticks(xs_all)
+            ax.set_xticklabels([format_value(x) for x in xs_all], fontsize=8 if len(xs_all) > 8 else None)
         if not numeric:
             ax.set_xticks(range(len(categories)))
             ax.set_xticklabels(categories, rotation=20 if max(len(str(c)) for c in categories) > 8 else 0)
@@ -199,3 +211,20 @@ def sample_sheet(path, rows, title, scale=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def derived_figure(out_dir, column, records, swept, metrics, baseline, baseline_label, seed, title):
+    """``fig_<column>.png``: each metric against a derived column (``derived.DERIVED``, e.g.
+    ``nfe``), one line per setting of the swept keys the column does not stand for (e.g. one
+    per sampler and guidance scale). Points without a value are left out. Returns the path, or
+    None when no point has a value."""
+    spec = DERIVED[column]
+    has = [r for r in records if r["derived"].get(column) is not None]
+    if not has:
+        return None
+    others = [g for g in parameters(records, swept) if not set(g) <= set(spec.replaces)]
+    base = [r for r in baseline if r["derived"].get(column) is not None]
+    full_title = f"{title}\n{', '.join(METRIC_NAMES.get(m, m) for m in metrics)} vs {column}"
+    return metric_figure(os.path.join(out_dir, f"fig_{column}.png"), (column,), has, metrics, others, base,
+                         baseline_label, seed, full_title, x_of=lambda r: r["derived"][column],
+                         x_label=spec.label, log_x=spec.log)

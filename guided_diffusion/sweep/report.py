@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+from .derived import DERIVED, derive
 from .plan import format_value
 
 # Evaluator result keys in the order tables show them; others follow in their own order.
@@ -40,6 +41,7 @@ def point_rows(points, results, files, swept, folder_out):
         row["baseline"] = p.baseline
         result = results.get(p.name, {})
         row["num_samples"] = result.get("num_samples", p.args.num_samples)
+        row.update(derive(p.args))  # e.g. nfe: UNet passes per image
         for m in metrics:
             row[m] = result.get(m)
         row["samples"] = os.path.relpath(files[p.name], folder_out)
@@ -66,7 +68,7 @@ def _cell(value):
 
 
 def markdown_table(rows, metrics, swept, caption):
-    keys = list(swept) + (["seed"] if "seed" not in swept else [])
+    keys = list(swept) + (["seed"] if "seed" not in swept else []) + [k for k in DERIVED if k in rows[0]]
     head = keys + [METRIC_NAMES.get(m, m) for m in metrics]
     lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
