@@ -1,14 +1,9 @@
 """Sweep grids and planning without sampling: the grid syntax (product, zip, union, nested),
-flags the sampling scripts may gain (list- and JSON-valued), point names, and bad input (one
+list- and JSON-valued flags (PAG's), point names, and bad input (one
 clear line, exit status 1, nothing written)."""
-
-import argparse
-import json
-import types
 
 import pytest
 
-from guided_diffusion.sweep import plan as plan_module
 from guided_diffusion.sweep.grid import GridError, expand, grid_points, load_grid_file, split_values
 from guided_diffusion.sweep.main import main
 from guided_diffusion.sweep.plan import PlanError, Planner, make_base, point_name
@@ -43,18 +38,8 @@ def test_product_zip_union_and_nested_axes():
         grid_points(["guide_scale=1", "guide_scale=2"])
 
 
-def _with_future_flags(kind):
-    """The real parser plus flags shaped like the PAG ones (a list and a JSON value)."""
-    from guided_diffusion.sampling import create_argparser
-
-    parser = create_argparser(kind)
-    parser.add_argument("--drop_layers", nargs="+", default=["middle_block.1"])
-    parser.add_argument("--guidance_strategies", type=json.loads, default={})
-    return parser
-
-
-def test_new_list_and_json_flags_are_sweepable(monkeypatch, tmp_path):
-    monkeypatch.setattr(plan_module, "_flag_module", lambda: types.SimpleNamespace(create_argparser=_with_future_flags))
+def test_list_and_json_flags_are_sweepable(tmp_path):
+    """PAG's --drop_layers (a list) and --guidance_strategies (JSON) through the real parser."""
     grid_file = tmp_path / "pag.yaml"
     grid_file.write_text(
         "- guidance_strategies: [{attention_mask_identity: [25, 0]}, {attention_mask_identity: [10, 0]}]\n"

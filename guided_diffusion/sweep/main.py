@@ -13,7 +13,7 @@ from .execute import (SweepError, SweepFolder, evaluate, finished_samples, read_
 from .derived import DERIVED, derive
 from .grid import GridError, grid_points, load_grid_file
 from .plan import PlanError, Planner, make_base, parse_baseline
-from .report import metric_keys, point_rows, write_reports
+from .report import point_rows, write_reports
 
 EXAMPLE = """examples:
   python scripts/sweep.py --preset digits --out runs/sweep --ref datasets/digits32.npz \\
