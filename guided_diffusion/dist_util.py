@@ -67,8 +67,12 @@ def local_rank():
     return _LOCAL_RANK
 
 
-def setup_dist():
-    """Set up ranks, the per-process GPU and (for >1 rank) a torch.distributed process group."""
+def setup_dist(cuda_index=None):
+    """Set up ranks, the per-process GPU and (for >1 rank) a torch.distributed process group.
+
+    :param cuda_index: None (the node-local rank's GPU) or ``f(local_rank, device_count)`` giving
+        the CUDA device index (the samplers' ``--gpu`` / ``--gpu_offset``).
+    """
     global _LOCAL_RANK
     if dist.is_available() and dist.is_initialized():
         return
@@ -83,7 +87,8 @@ def setup_dist():
     else:
         single_node = True
     if th.cuda.is_available():
-        th.cuda.set_device(_LOCAL_RANK % th.cuda.device_count())
+        count = th.cuda.device_count()
+        th.cuda.set_device(_LOCAL_RANK % count if cuda_index is None else cuda_index(_LOCAL_RANK, count))
     if get_world_size() == 1 or not dist.is_available():
         return
     addr = "127.0.0.1" if single_node else socket.gethostbyname(socket.getfqdn())

@@ -21,7 +21,7 @@ import numpy as np
 import torch as th
 import torch.nn.functional as F
 
-from . import dist_util
+from . import dist_util, pag_flags
 from .checkpoint_util import CheckpointError, load_checkpoint
 from .fast_path import (
     ClassifierGradientOverlap,
@@ -34,7 +34,7 @@ from .fast_path import (
 from .image_io import make_grid, to_uint8_nhwc, write_npz_stream, write_png
 
 # Arguments that change nothing in the samples; a resumed run may use other values.
-HARMLESS_ARGS = ("output_dir", "progress", "step_progress", "save_grid")
+HARMLESS_ARGS = ("output_dir", "progress", "step_progress", "save_grid") + pag_flags.HARMLESS_ARGS
 RUN_FILE = "args.json"
 SHARD_DIR = "shards"
 
@@ -85,6 +85,7 @@ def create_argparser(kind):
     speed = parser.add_argument_group(
         "speed (GPU fast path; defaults keep the exact float32 path, see docs/benchmarks.md)")
     su.add_dict_to_argparser(speed, fast_path_defaults())
+    pag_flags.add_arguments(parser)  # PAG / SEG flags (guided_diffusion/pag_flags.py)
     _set_help(parser, "--classifier_guidance",
               "ignored by image_sample.py (accepted for compatibility with the original)"
               if kind == "image" else "apply classifier guidance with --classifier_scale")
@@ -115,6 +116,10 @@ def _set_help(parser, flag, text):
 
 def validate_args(args):
     """Reject values the samplers cannot use, before anything is built or written."""
+    try:
+        pag_flags.validate(args)  # PAG / SEG flags; resolves --guide_scale and --results_dir
+    except ValueError as exc:
+        raise UsageError(str(exc))
     for name in ("guide_scale", "blur_sigma", "classifier_scale"):
         value = getattr(args, name, 0.0)
         if not math.isfinite(value):
@@ -289,7 +294,7 @@ def build_sampler(args, kind):
     model = prepare_model(model, **fast)
     diffusion = model_box["diffusion"]
     try:
-        guidance = sag_class(**fast)(
+        guidance = pag_flags.build_guidance(args, model, fast) or sag_class(**fast)(
             model, guide_scale=args.guide_scale, guide_start=args.guide_start,
             blur_sigma=args.blur_sigma, sel_attn_block=args.sel_attn_block,
             sel_attn_depth=args.sel_attn_depth, sag_heads=args.sag_heads)
@@ -298,19 +303,18 @@ def build_sampler(args, kind):
     if kind == "image":
         return diffusion, model, None, guidance
 
+    def model_fn(x, t, y=None):
+        assert y is not None
+        return model(x, t, y if args.class_cond else None)
+
+    if not args.classifier_guidance:  # the classifier is loaded only when it is used
+        return diffusion, model_fn, None, guidance
     classifier = _load_network(
         lambda: su.create_classifier(**_factory_args(args, su.classifier_defaults().keys())),
         args.classifier_path, "classifier", args.classifier_use_fp16)
     # The classifier shares the UNet's attention kernels, autocast and memory layout (it is
     # differentiated every step, so it is not compiled).
     classifier = prepare_model(classifier, **dict(fast, compile=False, cuda_graphs=False))
-
-    def model_fn(x, t, y=None):
-        assert y is not None
-        return model(x, t, y if args.class_cond else None)
-
-    if not args.classifier_guidance:
-        return diffusion, model_fn, None, guidance
     cond_fn = classifier_cond_fn(classifier, args.classifier_scale)
     if fast["fast_attention"]:  # on CUDA: classifier gradient concurrent with SAG's second pass
         cond_fn = ClassifierGradientOverlap(cond_fn)
@@ -415,7 +419,7 @@ def run(args, kind):
     from . import logger
 
     validate_args(args)
-    dist_util.setup_dist()
+    dist_util.setup_dist(cuda_index=pag_flags.cuda_index(args))  # --gpu / --gpu_offset
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     plan = dist_util.broadcast_object(_prepare(args, kind) if rank == 0 else None)
     if isinstance(plan, str):
@@ -453,6 +457,7 @@ def run(args, kind):
     for b in pending[rank::world]:
         start = time.time()
         images, labels = sample_batch(args, sampler, b, draws_labels)
+        pag_flags.after_batch(args, b, images, labels, sampler[3])  # --save_png, --visualize
         write_shard(args.output_dir, b, images, labels)
         note(f"batch {b} done in {time.time() - start:.1f}s")
         _update(bar, args, num_batches)
