@@ -4,7 +4,9 @@ against the exact path and the original's golden vectors, on CPU: the shortcuts 
 kept (seeded DDPM samples equal), no host-device sync per step, one compiled graph per pass."""
 
 import copy
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,3 +318,25 @@ def test_pag_class_and_classifier_overlap():
                                                       model_kwargs={"y": Y}, cond_fn=paired, guidance=guidance))
         assert len(calls) == 3  # one gradient per step, prefetched or not, none wasted
     assert th.equal(samples[0], samples[1])
+
+
+def test_benchmark_prints_pag_and_seg_rows(capsys):
+    """scripts/benchmark_sampling.py with PAG / SEG (in process, exact and fast path): their
+    table and the fast-path figures (shortcut gain, draw cost, two passes vs one 2B batch)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_sampling.py"
+    spec = importlib.util.spec_from_file_location("benchmark_sampling", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--layouts", "tiny", "--batch_sizes", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                 "--paths", "exact,fast", "--guidances", "pag,seg"])
+    lines = capsys.readouterr().out.splitlines()
+    tables = [[line.split("|")[1:-1] for line in lines[i + 2:]] for i, line in enumerate(lines)
+              if line.startswith("| layout")]
+    assert len(tables) == 2 and not any("SAG ms/step" in line for line in lines)
+    pag_rows = [[c.strip() for c in cells] for cells in tables[0][:2]]
+    assert [row[2] for row in pag_rows] == ["exact fp32", "fast (bf16)"]
+    assert pag_rows[0][8] == "1.00x" and pag_rows[1][8].endswith("x")  # PAG speed-up vs exact
+    fast_row = [c.strip() for c in tables[1][0]]
+    assert fast_row[2] == "fast (bf16)" and all(cell.endswith("x") for cell in fast_row[3:])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--guidances", "pag,sgs"])
