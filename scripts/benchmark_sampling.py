@@ -73,6 +73,11 @@ LAYOUTS = {
     "256": (dict(COMMON, image_size=256, class_cond=False, num_head_channels=64), ("output", 2), 2.24),
     "tiny": (dict(image_size=32, num_channels=32, channel_mult="1,1,1", attention_resolutions="32,16,8",
                   num_heads=4, num_res_blocks=1, learn_sigma=True, class_cond=True), ("output", 2), None),
+    # the bundled default (configs/digits.sh): a CPU-sized model with trained weights elsewhere
+    "digits": (dict(image_size=32, num_channels=32, num_res_blocks=2, channel_mult="1,1,2",
+                    attention_resolutions="16,8", num_heads=4, class_cond=True, num_classes=10,
+                    learn_sigma=True, noise_schedule="cosine", use_scale_shift_norm=True),
+               ("output", 2), None),
 }
 PATHS = ("exact", "fp16", "fast")
 GUIDANCES = ("sag", "pag", "seg")
@@ -82,6 +87,7 @@ PAG_LAYERS = {
     "128": ("input_blocks.11.1", "input_blocks.13.1", "input_blocks.14.1", "middle_block.1"),
     "256": PAG_DEFAULT_LAYERS,
     "tiny": ("input_blocks.3.1", "input_blocks.5.1", "middle_block.1"),
+    "digits": ("input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1", "middle_block.1"),
 }
 PAG_SCALE = 4.0  # the published PAG scale (paper 3), also SEG's official default
 # Classifier flags for --classifier_guidance: OpenAI's published classifiers (128/256) are
@@ -91,12 +97,14 @@ CLASSIFIERS = {
     "256": dict(image_size=256),
     "tiny": dict(image_size=32, classifier_width=32, classifier_depth=1,
                  classifier_attention_resolutions="16,8"),
+    "digits": dict(image_size=32, classifier_width=32, classifier_depth=2,
+                   classifier_attention_resolutions="16,8", classifier_pool="attention", num_classes=10),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layouts", default="128,256", help="comma list of 128, 256, tiny")
+    p.add_argument("--layouts", default="128,256", help="comma list of 128, 256, tiny, digits")
     p.add_argument("--batch_sizes", default="16,64")
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of exact, fp16, fast")
     p.add_argument("--guidances", default=",".join(GUIDANCES), help="comma list of sag, pag, seg")
@@ -250,7 +258,8 @@ def measure(layout, batch, path, args, device):
     size = kwargs["image_size"]
     gen = th.Generator(device="cpu").manual_seed(1)
     x = th.randn(batch, 3, size, size, generator=gen).to(device)
-    model_kwargs = {"y": th.randint(0, 1000, (batch,), generator=gen).to(device)} if kwargs["class_cond"] else {}
+    classes = kwargs["num_classes"]
+    model_kwargs = {"y": th.randint(0, classes, (batch,), generator=gen).to(device)} if kwargs["class_cond"] else {}
     top = diffusion.num_timesteps - 1
     warm = [(i, th.full((batch,), i, device=device, dtype=th.long)) for i in range(top, top - args.warmup, -1)]
     timed = [(i, th.full((batch,), i, device=device, dtype=th.long)) for i in range(top, top - args.steps, -1)]
@@ -269,7 +278,7 @@ def measure(layout, batch, path, args, device):
                      lambda: perturbed_guidance(pag_cls, model, layout, "pag", reproduce_rng=False), None))
     if args.classifier_guidance:
         cond_fn = build_cond_fn(layout, path, args, device)
-        labels = {"y": th.randint(0, 1000, (batch,), generator=gen).to(device)}
+        labels = {"y": th.randint(0, classes, (batch,), generator=gen).to(device)}
         unet = model if kwargs["class_cond"] else (lambda x_, t_, y=None: model(x_, t_))
         if path == "fast":  # gradient overlapping SAG's second pass, as classifier_sample.py
             runs.append(("sag_cg", unet, labels, sag, ClassifierGradientOverlap(cond_fn)))

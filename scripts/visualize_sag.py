@@ -3,23 +3,25 @@
 Writes into ``--out_dir``:
   * ``sag_step_<t>.png`` for each chosen respaced step t: one row per image, columns
     x_t | predicted x_0 | attention mask | blurred x_0 | degraded input x̄_t;
-  * ``pag_step_<t>.png`` / ``seg_step_<t>.png`` (``--guidances`` with pag / seg): one row per
-    image, columns x_t | x_0 of the plain pass | x_0 of the perturbed pass | their difference
-    (plain - perturbed, scaled per image to the full grey range, mid-grey = 0) | guided x_0;
-  * ``comparison.png``: rows = no guidance, each guidance, classifier guidance, each guidance +
-    classifier guidance, the same noise and labels in every row (columns = images).
+  * ``pag_step_<t>.png`` / ``seg_step_<t>.png`` for each ``--compare_flags`` guidance (PAG, SEG):
+    one row per image, columns x_t | x_0 of the plain pass | x_0 of the perturbed pass | their
+    difference (plain - perturbed, scaled per image to the full grey range, mid-grey = 0) |
+    guided x_0;
+  * ``comparison.png``: rows = no guidance, SAG, each ``--compare_flags`` guidance, classifier
+    guidance, each guidance + classifier guidance, the same noise and labels in every row
+    (columns = images).
 Small images are enlarged by pixel repetition (``--zoom``; default: tiles of at least 128 px).
 
-Takes the flags of ``classifier_sample.py`` (model, classifier, SAG). PAG and SEG rows come with
-``--guidances sag,pag,seg``; their settings: ``--drop_layers``, ``--noise_scale`` and
-``--pag_scale`` (PAG), ``--seg_layers``, ``--seg_blur_sigma`` and ``--seg_scale`` (SEG; guide
-scale = 1 + seg_scale); both guide every step. With the bundled default: ``source
-configs/digits.sh; python scripts/visualize_sag.py $SAG_FLAGS $MODEL_FLAGS $CLASSIFIER_FLAGS
---model_path $MODEL_PATH --timestep_respacing 50 --steps 40,25,10 --guidances sag,pag,seg
---drop_layers ... --seg_layers ...`` (the layers of ``configs/digits.sh``).
+Takes the flags of ``classifier_sample.py`` (model, classifier, SAG). ``--compare_flags "FLAGS"``
+(repeatable) adds a guidance given by the PAG / SEG flags of ``classifier_sample.py`` as one
+quoted string, e.g. ``--compare_flags "$PAG_FLAGS" --compare_flags "$SEG_FLAGS"``. With the bundled
+default: ``source configs/digits.sh; python scripts/visualize_sag.py $SAG_FLAGS $MODEL_FLAGS
+$CLASSIFIER_FLAGS --model_path $MODEL_PATH --timestep_respacing 50 --steps 40,25,10
+--compare_flags "$PAG_FLAGS" --compare_flags "$SEG_FLAGS"``.
 """
 
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -27,13 +29,14 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, pag, sampling  # noqa: E402
-from guided_diffusion.fast_path import fast_path_flags, pag_class, pair_overlap  # noqa: E402
+from guided_diffusion import dist_util, pag, pag_flags, sampling  # noqa: E402
+from guided_diffusion.fast_path import fast_path_flags, pair_overlap  # noqa: E402
 from guided_diffusion.guidance import find_unet  # noqa: E402
 from guided_diffusion.image_io import make_grid, to_uint8_nhwc, upscale_nearest, write_png  # noqa: E402
-from guided_diffusion.pag_flags import PAG_GUIDE_SCALE  # noqa: E402
 
-GUIDANCES = {"sag": "SAG", "pag": "PAG", "seg": "SEG"}
+# Row label and file prefix per guidance strategy.
+LABELS = {pag.SAG_STRATEGY: ("SAG", "sag"), pag.PAG: ("PAG", "pag"), pag.SEG: ("SEG", "seg"),
+          pag.MASK: ("PAG (attention_mask)", "pag_mask")}
 COLUMNS = {
     "sag": "x_t, predicted x_0, mask, blurred x_0, degraded input",
     "pag": "x_t, plain x_0, perturbed x_0, difference (per image scale), guided x_0",
@@ -49,23 +52,35 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default="sag_pictures", help="folder for the PNGs")
     parser.add_argument("--zoom", type=int, default=0,
                         help="pixel-repeat factor for the PNGs (default: tiles of at least 128 px)")
-    parser.add_argument("--guidances", default="sag",
-                        help="comma list of sag, pag, seg: the guided rows and step panels")
-    parser.add_argument("--pag_scale", type=float, default=PAG_GUIDE_SCALE,
-                        help="PAG's guide scale (1 + the paper's) for the pag rows")
+    parser.add_argument("--compare_flags", action="append", default=[], metavar='"FLAGS"',
+                        help="another guided row: PAG / SEG flags of classifier_sample.py as one "
+                        "string (--guidance_strategies ... --drop_layers ... --guide_scale ...); repeatable")
     args = parser.parse_args(argv)
     if args.zoom < 0:
         parser.error(f"--zoom {args.zoom}: must be 0 (automatic) or a positive factor")
     args.zoom = args.zoom or max(1, 128 // args.image_size)
     args.batch_size = args.num_images
-    args.guidances = args.guidances.split(",")
-    unknown = [g for g in args.guidances if g not in GUIDANCES]
-    if unknown or len(set(args.guidances)) != len(args.guidances):
-        parser.error(f"--guidances {','.join(args.guidances)}: a comma list of {', '.join(GUIDANCES)}")
     if args.guidance_strategies is not None:
-        parser.error("--guidance_strategies: choose the guided rows with --guidances sag,pag,seg "
-                     "(PAG / SEG then guide every step)")
+        parser.error("--guidance_strategies: the main flags give the SAG row; pass PAG / SEG flags "
+                     'as --compare_flags "FLAGS"')
+    args.compared = [compared_args(parser, flags) for flags in args.compare_flags]
     return args
+
+
+def compared_args(parser, flags):
+    """The sampling flags of one ``--compare_flags`` string (defaults elsewhere), validated."""
+    try:
+        words = shlex.split(flags)
+    except ValueError as exc:
+        parser.error(f"--compare_flags {flags!r}: {exc}")
+    compared = sampling.create_argparser("classifier").parse_args(words)
+    try:
+        if not pag_flags.requested(compared):
+            raise ValueError("give --guidance_strategies (PAG / SEG) in it")
+        pag_flags.validate(compared)
+    except ValueError as exc:
+        parser.error(f"--compare_flags {flags!r}: {exc}")
+    return compared
 
 
 def chosen_steps(args, num_steps):
@@ -122,26 +137,20 @@ def run(args, diffusion, model_fn, cond_fn, guidance, labels, noise, record=None
 
 
 def build_guidances(args, diffusion, model_fn, sag_guidance):
-    """``{name: guidance}`` for ``--guidances`` (SAG from the SAG flags; PAG / SEG on every step)."""
+    """``[(label, file prefix, guidance)]``: SAG from the main flags, then each ``--compare_flags``."""
     unet = find_unet(diffusion, model_fn, {})
-    cls = pag_class(**fast_path_flags(args))
-    built = {}
-    try:
-        for name in args.guidances:
-            if name == "sag":
-                built[name] = sag_guidance
-            elif name == "pag":
-                built[name] = cls(unet, guide_scale=args.pag_scale, drop_layers=args.drop_layers,
-                                  strategy=pag.PAG, noise_scale=args.noise_scale,
-                                  reproduce_rng=args.pag_reproduce_rng)
-            else:
-                seg_scale = 3.0 if args.seg_scale is None else args.seg_scale
-                built[name] = cls(unet, guide_scale=1.0 + seg_scale, drop_layers=args.seg_layers,
-                                  strategy=pag.SEG, seg_sigma=args.seg_blur_sigma)
-    except ValueError as exc:
-        flag = "--seg_layers" if name == "seg" else "--drop_layers"
-        raise SystemExit(f"error: {name}: {str(exc).replace('--drop_layers', flag)}")
-    for guidance in built.values():
+    built = [(*LABELS[pag.SAG_STRATEGY], sag_guidance)]
+    for flags, compared in zip(args.compare_flags, args.compared):
+        try:
+            guidance = pag_flags.build_guidance(compared, unet, fast_path_flags(args))
+        except ValueError as exc:
+            raise SystemExit(f"error: --compare_flags {flags!r}: {exc}")
+        built.append((*LABELS[next(iter(compared.guidance_strategies))], guidance))
+    prefixes = [prefix for _, prefix, _ in built]
+    for i, (label, prefix, guidance) in enumerate(built):
+        if prefixes.count(prefix) > 1:  # two PAG rows, say: number their files
+            built[i] = (f"{label} {prefixes[:i + 1].count(prefix)}", f"{prefix}{prefixes[:i + 1].count(prefix)}",
+                        guidance)
         guidance.keep_intermediates = True
     return built
 
@@ -167,29 +176,27 @@ def main(argv=None):
     steps = chosen_steps(args, diffusion.num_timesteps)
     rows = [("no guidance", run(args, diffusion, model_fn, None, None, labels, noise))]
     records = {}
-    for name, guidance in guidances.items():
-        records[name] = {s: None for s in steps}
-        rows.append((GUIDANCES[name], run(args, diffusion, model_fn, None, guidance, labels, noise,
-                                          records[name])))
+    for label, prefix, guidance in guidances:
+        records[prefix] = (label, {s: None for s in steps})
+        rows.append((label, run(args, diffusion, model_fn, None, guidance, labels, noise, records[prefix][1])))
     rows.append(("classifier guidance", run(args, diffusion, model_fn, cond_fn, None, labels, noise)))
-    for name, guidance in guidances.items():
-        rows.append((f"{GUIDANCES[name]} + classifier guidance",
-                     run(args, diffusion, model_fn, cond_fn, guidance, labels, noise)))
-    for name, record in records.items():
+    for label, _, guidance in guidances:
+        rows.append((f"{label} + classifier guidance", run(args, diffusion, model_fn, cond_fn, guidance, labels, noise)))
+    for prefix, (label, record) in records.items():
         for step, panel in record.items():
             if panel is None:
-                print(f"step {step}: {GUIDANCES[name]} was not active (SAG: --guide_start "
-                      f"{args.guide_start}); no panel")
+                print(f"step {step}: {label} was not active (SAG: --guide_start; PAG / SEG: the "
+                      "--guidance_strategies window); no panel")
                 continue
-            path = os.path.join(args.out_dir, f"{name}_step_{step}.png")
+            path = os.path.join(args.out_dir, f"{prefix}_step_{step}.png")
             grid = make_grid(panel.reshape(-1, *panel.shape[2:]), ncols=panel.shape[1])
             write_png(path, upscale_nearest(grid, args.zoom))
-            print(f"wrote {path} (columns: {COLUMNS['sag' if name == 'sag' else 'pag']})")
+            print(f"wrote {path} (columns: {COLUMNS['sag' if prefix == 'sag' else 'pag']})")
     path = os.path.join(args.out_dir, "comparison.png")
     grid = make_grid(np.concatenate([r for _, r in rows]), ncols=args.num_images)
     write_png(path, upscale_nearest(grid, args.zoom))
     print(f"wrote {path} (rows: {'; '.join(name for name, _ in rows)}; labels {labels.tolist()})")
-    for guidance in guidances.values():
+    for _, _, guidance in guidances:
         guidance.close()
     args.classifier_guidance = wanted_cg
 

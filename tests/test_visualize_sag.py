@@ -37,16 +37,19 @@ def test_visualize_writes_step_panels_and_comparison(tmp_path, capsys):
 
 
 def test_visualize_pag_and_seg_panels_and_rows(tmp_path, capsys):
-    """--guidances sag,pag,seg: a PAG and a SEG panel per step (x_t, x_0 of both passes, their
-    difference, guided x_0) and eight comparison rows; the PNGs decode and show something."""
+    """--compare_flags with PAG and SEG flag strings (as classifier_sample.py takes them): a panel
+    per step (x_t, x_0 of both passes, their difference, guided x_0) and eight comparison rows;
+    the PNGs decode and show something."""
     flags = [*TINY_MODEL_FLAGS, *TINY_CLASSIFIER_FLAGS, "--num_classes", "10"]
     model = save_model(tmp_path / "model.pt", flags)
     clf = save_classifier(tmp_path / "clf.pt", flags)
     script = load_script()
-    script.main([*flags, "--model_path", str(model), "--classifier_path", str(clf), "--timestep_respacing", "3",
-                 "--steps", "1", "--num_images", "2", "--sel_attn_depth", "1", "--blur_sigma", "3",
-                 "--guidances", "sag,pag,seg", "--drop_layers", "input_blocks.5.1", "middle_block.1",
-                 "--seg_layers", "middle_block.1", "--fast_attention", "True", "--out_dir", str(tmp_path / "pics")])
+    pag_flags = """--guidance_strategies '{"attention_mask_identity": [9, 0]}' --drop_layers input_blocks.5.1 middle_block.1"""
+    seg_flags = """--guidance_strategies '{"seg": [9, 0]}' --seg_layers middle_block.1 --guide_scale 3"""
+    common = [*flags, "--model_path", str(model), "--classifier_path", str(clf), "--timestep_respacing", "3"]
+    script.main([*common, "--steps", "1", "--num_images", "2", "--sel_attn_depth", "1", "--blur_sigma", "3",
+                 "--compare_flags", pag_flags, "--compare_flags", seg_flags, "--fast_attention", "True",
+                 "--out_dir", str(tmp_path / "pics")])
     out = capsys.readouterr().out
     cell, zoom = 32 + 2, 4
     for name in ("pag", "seg"):
@@ -58,11 +61,14 @@ def test_visualize_pag_and_seg_panels_and_rows(tmp_path, capsys):
     assert comparison.shape == ((8 * cell + 2) * zoom, (2 * cell + 2) * zoom, 3)
     assert ("rows: no guidance; SAG; PAG; SEG; classifier guidance; SAG + classifier guidance; "
             "PAG + classifier guidance; SEG + classifier guidance") in out
-    for bad, message in ((["--guidances", "pag,sga"], "--guidances"),
-                         (["--guidance_strategies", '{"seg": [2, 0]}'], "--guidances sag,pag,seg")):
+    for bad, message in (
+            (["--compare_flags", "--drop_layers middle_block.1"], "give --guidance_strategies"),
+            (["--compare_flags", pag_flags + " --blur_sigma 3"], "SAG and PAG/SEG requested in one run"),
+            (["--guidance_strategies", '{"seg": [2, 0]}'], "as --compare_flags")):
         with pytest.raises(SystemExit):
             script.parse_args([*flags, *bad])
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="pag: --drop_layers input_blocks.1.1: not an attention block"):
-        script.main([*flags, "--model_path", str(model), "--classifier_path", str(clf), "--timestep_respacing", "2",
-                     "--guidances", "pag", "--drop_layers", "input_blocks.1.1", "--out_dir", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="--drop_layers input_blocks.1.1: not an attention block"):
+        script.main([*common, "--compare_flags", pag_flags.replace("input_blocks.5.1", "input_blocks.1.1"),
+                     "--out_dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
