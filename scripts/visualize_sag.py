@@ -14,14 +14,14 @@ Small images are enlarged by pixel repetition (``--zoom``; default: tiles of at 
 
 Takes the flags of ``classifier_sample.py`` (model, classifier, SAG). ``--compare_flags "FLAGS"``
 (repeatable) adds a guidance given by the PAG / SEG flags of ``classifier_sample.py`` as one
-quoted string, e.g. ``--compare_flags "$PAG_FLAGS" --compare_flags "$SEG_FLAGS"``. With the bundled
+string, split on whitespace as the shell splits an unquoted variable (so JSON without spaces),
+e.g. ``--compare_flags "$PAG_FLAGS" --compare_flags "$SEG_FLAGS"``. With the bundled
 default: ``source configs/digits.sh; python scripts/visualize_sag.py $SAG_FLAGS $MODEL_FLAGS
 $CLASSIFIER_FLAGS --model_path $MODEL_PATH --timestep_respacing 50 --steps 40,25,10
 --compare_flags "$PAG_FLAGS" --compare_flags "$SEG_FLAGS"``.
 """
 
 import os
-import shlex
 import sys
 
 import numpy as np
@@ -63,23 +63,27 @@ def parse_args(argv=None):
     if args.guidance_strategies is not None:
         parser.error("--guidance_strategies: the main flags give the SAG row; pass PAG / SEG flags "
                      'as --compare_flags "FLAGS"')
-    args.compared = [compared_args(parser, flags) for flags in args.compare_flags]
+    args.compared = [compared_args(flags) for flags in args.compare_flags]
     return args
 
 
-def compared_args(parser, flags):
-    """The sampling flags of one ``--compare_flags`` string (defaults elsewhere), validated."""
+def compared_args(flags):
+    """The sampling flags of one ``--compare_flags`` string (defaults elsewhere), validated; a
+    one-line SystemExit otherwise. The string is split on whitespace, as the shell splits an
+    unquoted ``$PAG_FLAGS`` (no quote removal: JSON goes in without spaces)."""
+    compared_parser = sampling.create_argparser("classifier")
+
+    def refuse(message):
+        raise ValueError(message)
+
+    compared_parser.error = refuse  # argparse's usage dump would hide the one line that matters
     try:
-        words = shlex.split(flags)
-    except ValueError as exc:
-        parser.error(f"--compare_flags {flags!r}: {exc}")
-    compared = sampling.create_argparser("classifier").parse_args(words)
-    try:
+        compared = compared_parser.parse_args(flags.split())
         if not pag_flags.requested(compared):
             raise ValueError("give --guidance_strategies (PAG / SEG) in it")
         pag_flags.validate(compared)
     except ValueError as exc:
-        parser.error(f"--compare_flags {flags!r}: {exc}")
+        raise SystemExit(f"error: --compare_flags {flags!r}: {exc}")
     return compared
 
 

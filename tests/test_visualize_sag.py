@@ -44,8 +44,10 @@ def test_visualize_pag_and_seg_panels_and_rows(tmp_path, capsys):
     model = save_model(tmp_path / "model.pt", flags)
     clf = save_classifier(tmp_path / "clf.pt", flags)
     script = load_script()
-    pag_flags = """--guidance_strategies '{"attention_mask_identity": [9, 0]}' --drop_layers input_blocks.5.1 middle_block.1"""
-    seg_flags = """--guidance_strategies '{"seg": [9, 0]}' --seg_layers middle_block.1 --guide_scale 3"""
+    # as configs/digits.sh writes them: JSON without spaces, split like an unquoted shell variable
+    pag_flags = '--guidance_strategies {"attention_mask_identity":[9,0]} --drop_layers input_blocks.5.1 middle_block.1'
+    seg_flags = '--guidance_strategies {"seg":[9,0]} --seg_layers middle_block.1 --guide_scale 3'
+
     common = [*flags, "--model_path", str(model), "--classifier_path", str(clf), "--timestep_respacing", "3"]
     script.main([*common, "--steps", "1", "--num_images", "2", "--sel_attn_depth", "1", "--blur_sigma", "3",
                  "--compare_flags", pag_flags, "--compare_flags", seg_flags, "--fast_attention", "True",
@@ -64,10 +66,13 @@ def test_visualize_pag_and_seg_panels_and_rows(tmp_path, capsys):
     for bad, message in (
             (["--compare_flags", "--drop_layers middle_block.1"], "give --guidance_strategies"),
             (["--compare_flags", pag_flags + " --blur_sigma 3"], "SAG and PAG/SEG requested in one run"),
-            (["--guidance_strategies", '{"seg": [2, 0]}'], "as --compare_flags")):
-        with pytest.raises(SystemExit):
+            (["--compare_flags", pag_flags + " --no_such_flag 3"], "unrecognized arguments: --no_such_flag"),
+            (["--compare_flags", """--guidance_strategies '{"seg":[2,0]}'"""], "not valid JSON")):
+        with pytest.raises(SystemExit, match=message):
             script.parse_args([*flags, *bad])
-        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args([*flags, "--guidance_strategies", '{"seg": [2, 0]}'])
+    assert "as --compare_flags" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--drop_layers input_blocks.1.1: not an attention block"):
         script.main([*common, "--compare_flags", pag_flags.replace("input_blocks.5.1", "input_blocks.1.1"),
                      "--out_dir", str(tmp_path / "bad")])
