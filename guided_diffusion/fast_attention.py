@@ -6,6 +6,9 @@
   so SAG's :class:`~guided_diffusion.sag.AttentionProbe` keeps working unchanged.
 * :func:`attention_colsum_chunked` - :func:`~guided_diffusion.sag.attention_colsum` computed in
   query chunks with an fp32 softmax: never materialises the full ``[B*heads, T, T]`` map.
+* Shortcuts for perturbed attention (PAG / SEG, see ``fast_path.FastPerturbedAttention``):
+  :func:`value_rows` (an identity attention map outputs v: nothing to compute) and
+  :func:`mean_query_attention` (one query per head when every query is the mean query).
 """
 
 import math
@@ -35,6 +38,37 @@ def split_qkv(qkv, num_heads, layout):
     return tuple(p.transpose(1, 2) for p in parts)
 
 
+def merge_heads(out):
+    """[B, H, T, C] attention output -> [B, H*C, T] with channel ``h*C + c`` (the ops' output)."""
+    bs, heads, length, ch = out.shape
+    return out.permute(0, 1, 3, 2).reshape(bs, heads * ch, length)
+
+
+def value_rows(qkv, num_heads, layout):
+    """The attention output for an identity attention map (every query attends only to itself):
+    v itself, as [B, H*C, T] with channel ``h*C + c``; no q, no k, no softmax."""
+    bs, width, length = qkv.shape
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv width {width} is not divisible by 3 * {num_heads} heads")
+    ch = width // (3 * num_heads)
+    if layout == "legacy":  # head h owns rows [3Ch, 3C(h+1)) = q | k | v
+        return qkv.reshape(bs, num_heads, 3 * ch, length)[:, :, 2 * ch:].reshape(bs, num_heads * ch, length)
+    if layout == "new":  # rows [2HC, 3HC) are every head's v, head-major
+        return qkv[:, 2 * num_heads * ch:]
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def mean_query_attention(qkv, num_heads, layout):
+    """Attention with every query replaced by its head's mean query over the tokens (SEG's
+    sigma = inf): every row of the map is the same, so one query row per (sample, head) is
+    attended and its output broadcast over the tokens: [B, H*C, T] (an expanded view)."""
+    length = qkv.shape[-1]
+    q, k, v = split_qkv(qkv, num_heads, layout)
+    mean_q = q.mean(dim=2, keepdim=True)  # [B, H, 1, C]
+    row = merge_heads(F.scaled_dot_product_attention(mean_q, k, v))  # [B, H*C, 1]
+    return row.expand(-1, -1, length)
+
+
 class SDPAAttention(nn.Module):
     """``QKVAttention(Legacy)`` through ``scaled_dot_product_attention``; same input and output.
 
@@ -50,10 +84,8 @@ class SDPAAttention(nn.Module):
         self.layout = layout
 
     def forward(self, qkv):
-        bs, _, length = qkv.shape
         q, k, v = split_qkv(qkv, self.n_heads, self.layout)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, C]
-        return out.permute(0, 1, 3, 2).reshape(bs, -1, length)
+        return merge_heads(F.scaled_dot_product_attention(q, k, v))
 
     def extra_repr(self):
         return f"n_heads={self.n_heads}, layout={self.layout}"

@@ -1,4 +1,5 @@
-"""The opt-in fast sampling path: SDPA attention, autocast, TF32, channels_last, torch.compile.
+"""The opt-in fast sampling path: SDPA attention, autocast, TF32, channels_last, torch.compile,
+and the guidances' fast variants (SAG; PAG / SEG, see "PAG / SEG" below).
 
 Nothing here changes the exact path: with :func:`fast_path_defaults` every option is off and
 :func:`prepare_model` leaves the model untouched (it only forbids TF32, which PyTorch allows in
@@ -9,6 +10,7 @@ flags and calls::
     model = prepare_model(model, **fast_path_flags(args))          # after load / use_fp16 / eval
     SAG = sag_class(**fast_path_flags(args))                      # SelfAttentionGuidance or fast
     guidance = SAG(model, guide_scale=..., ...)                    # same arguments as before
+    PAG = pag_class(**fast_path_flags(args))                      # PerturbedAttentionGuidance or fast
 
 Precision: ``--use_fp16 True`` (OpenAI's fp16 torso) is untouched; ``--dtype bf16|fp16`` runs
 the UNet under autocast and hands the sampler a float32 output, so the diffusion arithmetic,
@@ -19,8 +21,29 @@ import contextlib
 import functools
 
 import torch as th
+import torch.nn.functional as F
 
-from .fast_attention import attention_colsum_chunked, op_layout, use_sdpa_attention
+from .fast_attention import (
+    attention_colsum_chunked,
+    mean_query_attention,
+    merge_heads,
+    op_layout,
+    split_qkv,
+    use_sdpa_attention,
+    value_rows,
+)
+from .pag import (
+    MASK,
+    PAG,
+    SEG,
+    SEG_INFINITE_SIGMA,
+    PerturbedAttention,
+    PerturbedAttentionGuidance,
+    attention_layers,
+    check_square_grid,
+    seg_blur_queries,
+    seg_kernel2d,
+)
 from .sag import BLUR_KERNEL_SIZE, SelfAttentionGuidance, blur_kernel2d, blur_with_kernel
 
 DTYPES = {"fp32": None, "bf16": th.bfloat16, "fp16": th.float16}
@@ -163,7 +186,18 @@ class _CudaGraphCall:
 # ---------------------------------------------------------------------------------- SAG
 
 
-class FastSelfAttentionGuidance(SelfAttentionGuidance):
+class _PrefetchesClassifierGradient:
+    """What the fast guidances share: ``overlap`` (a :class:`ClassifierGradientOverlap`, or
+    None) starts the classifier gradient just before the second UNet pass (see pair_overlap)."""
+
+    overlap = None
+
+    def _before_second_pass(self, diffusion, x, t, model_kwargs):
+        if self.overlap is not None:
+            self.overlap.prefetch(diffusion, x, t, model_kwargs)
+
+
+class FastSelfAttentionGuidance(_PrefetchesClassifierGradient, SelfAttentionGuidance):
     """SelfAttentionGuidance for the fast path; same arguments, same step semantics.
 
     Differences from the exact class: the chunked float32 colsum (equal within ~1e-6, so masks
@@ -202,14 +236,135 @@ class FastSelfAttentionGuidance(SelfAttentionGuidance):
         second pass; the next first pass replaces it)."""
         return contextlib.nullcontext()
 
-    def _before_second_pass(self, diffusion, x, t, model_kwargs):
-        if self.overlap is not None:
-            self.overlap.prefetch(diffusion, x, t, model_kwargs)
-
 
 def sag_class(fast_attention=False, **_flags):
     """The guidance class for these fast-path flags (the exact one unless ``fast_attention``)."""
     return FastSelfAttentionGuidance if fast_attention else SelfAttentionGuidance
+
+
+# ---------------------------------------------------------------------------------- PAG / SEG
+
+
+class FastPerturbedAttention(PerturbedAttention):
+    """:class:`~guided_diffusion.pag.PerturbedAttention` with less work; same input and output
+    (up to float rounding), same semantics.
+
+    * PAG with ``noise_scale`` 1 (the identity map): the output is v, sliced out of qkv; no q, k,
+      logits or softmax (bit-identical to the exact op). This op draws nothing: the original's
+      mask draws are made by :class:`FastPerturbedAttentionGuidance` before the pass.
+    * SEG with sigma = inf: every query is its head's mean query, so every row of the map is the
+      same: one row per head is attended and broadcast over the tokens.
+    * SEG with a finite sigma: the exact query blur (kernel cached per grid, device, dtype), SDPA.
+    * Random masks (``noise_scale`` < 1): the exact op's draw and mask, SDPA with that mask; a row
+      masked completely (``attention_mask`` only) is NaN, as in the exact op.
+
+    :param perturb_from: perturb only the samples from this batch index on; those before it get
+        the plain attention (both passes of a guided step as one batch: see
+        ``scripts/benchmark_sampling.py``, which measures whether that pays).
+    """
+
+    def __init__(self, *args, perturb_from=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layout = "new" if self.new_order else "legacy"
+        self.perturb_from = perturb_from
+        self._kernels = {}
+
+    def forward(self, qkv):
+        if self.perturb_from:
+            plain = merge_heads(F.scaled_dot_product_attention(
+                *split_qkv(qkv[:self.perturb_from], self.n_heads, self.layout)))
+            return th.cat([plain, self.perturbed(qkv[self.perturb_from:])])
+        return self.perturbed(qkv)
+
+    def perturbed(self, qkv):
+        if self.strategy == PAG and self.noise_scale == 1.0:
+            return value_rows(qkv, self.n_heads, self.layout)
+        if self.strategy == SEG and self.seg_sigma > SEG_INFINITE_SIGMA:
+            check_square_grid(self.grid)  # the exact op's error on a non-square grid
+            return mean_query_attention(qkv, self.n_heads, self.layout)
+        q, k, v = split_qkv(qkv, self.n_heads, self.layout)  # [B, H, T, C]
+        if self.strategy == SEG:
+            return merge_heads(F.scaled_dot_product_attention(self.blurred(q), k, v))
+        bs, heads, length, _ = q.shape
+        mask = self.logit_mask((bs * heads, length, length), qkv.device).view(bs, heads, length, length)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)  # True: takes part
+        if self.strategy == MASK:  # a row without any logit: the exact softmax gives NaN
+            out = out.masked_fill(mask.all(dim=-1, keepdim=True), float("nan"))
+        return merge_heads(out)
+
+    def blurred(self, q):
+        """SEG's blur of the [B, H, T, C] queries over the block's grid, as the exact op's."""
+        bs, heads, length, ch = q.shape
+        check_square_grid(self.grid)
+        key = (self.grid, q.device, q.dtype)
+        if key not in self._kernels:
+            self._kernels[key] = seg_kernel2d(self.seg_sigma, self.grid[1], q.device, q.dtype)
+        flat = q.transpose(2, 3).reshape(bs * heads, ch, length)
+        out = seg_blur_queries(flat, self.grid, self.seg_sigma, self._kernels[key])
+        return out.reshape(bs, heads, ch, length).transpose(2, 3)
+
+
+class FastPerturbedAttentionGuidance(_PrefetchesClassifierGradient, PerturbedAttentionGuidance):
+    """PerturbedAttentionGuidance (PAG / SEG) for the fast path; same arguments, same steps.
+
+    Differences from the exact class: the perturbed blocks run :class:`FastPerturbedAttention`
+    (built once per block, so a compiled UNet traces one graph per pass, plus one once for the
+    step that builds SEG's finite-sigma kernel); with PAG's
+    identity map the original's ``th.rand`` mask draws (``reproduce_rng``, the default) are made
+    just before the perturbed pass, same shapes, same generator, same order, values unused, so
+    the random stream - and seeded DDPM samples - stay those of the exact path, and the UNet
+    forward itself draws nothing (a compiled graph holds no random op); optional overlap of the
+    classifier gradient with the perturbed pass (``overlap``).
+    """
+
+    def __init__(self, model, *args, overlap=None, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self.overlap = overlap
+        self._ops = {}
+        self._layers = None  # the blocks of the coming perturbed pass
+        layers = attention_layers(model)
+        order = list(layers)
+        # name -> (forward position, heads, downsampling factor of its token grid)
+        self._mask_shapes = {
+            name: (order.index(name), layers[name][0].num_heads,
+                   model.image_size // layers[name][1] if layers[name][1] else None)
+            for name in self.drop_layers}
+
+    def draws_unused_masks(self):
+        """Whether a perturbed pass consumes the original's mask draws without needing them."""
+        return self.strategy == PAG and self.noise_scale == 1.0 and self.reproduce_rng
+
+    def make_op(self, name, original):
+        if name not in self._ops:
+            self._ops[name] = FastPerturbedAttention(
+                original.n_heads, op_layout(original) == "new", self.strategy, self.noise_scale,
+                self.seg_sigma, self.reproduce_rng)
+        return self._ops[name]
+
+    def _before_second_pass(self, diffusion, x, t, model_kwargs):
+        self._layers = self.step_layers()
+        if self.draws_unused_masks():
+            self.draw_masks(self._layers, x)
+        super()._before_second_pass(diffusion, x, t, model_kwargs)
+
+    def draw_masks(self, layers, x):
+        """The exact op's ``th.rand((B*heads, T, T))`` of each layer, in forward order."""
+        for name in sorted(layers, key=lambda n: self._mask_shapes[n][0]):
+            _, heads, factor = self._mask_shapes[name]
+            if factor is None:
+                raise ValueError(f"{name}: token grid unknown (the model has no image_size)")
+            tokens = (x.shape[-2] // factor) * (x.shape[-1] // factor)
+            th.rand((x.shape[0] * heads, tokens, tokens), device=x.device)
+
+    def perturbation(self, layers=None):
+        layers = layers or self._layers
+        self._layers = None
+        return super().perturbation(layers)
+
+
+def pag_class(fast_attention=False, **_flags):
+    """The PAG / SEG guidance class for these fast-path flags (exact unless ``fast_attention``)."""
+    return FastPerturbedAttentionGuidance if fast_attention else PerturbedAttentionGuidance
 
 
 def _no_autocast(device_type):
@@ -273,5 +428,5 @@ def pair_overlap(guidance, cond_fn):
     """Let ``guidance`` prefetch the classifier gradient only when ``cond_fn`` (the sampler's, for
     the coming run) is a :class:`ClassifierGradientOverlap`: a guidance object reused for a run
     without classifier guidance must not compute gradients nobody reads."""
-    if isinstance(guidance, FastSelfAttentionGuidance):
+    if isinstance(guidance, _PrefetchesClassifierGradient):
         guidance.overlap = cond_fn if isinstance(cond_fn, ClassifierGradientOverlap) else None

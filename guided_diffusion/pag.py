@@ -121,21 +121,35 @@ def seg_kernel_size(sigma, width):
     return min(size, width - (width % 2 - 1))
 
 
-def seg_blur_queries(q, grid, sigma):
+def seg_kernel2d(sigma, side, device, dtype):
+    """SEG's 2-D blur kernel for a ``side`` x ``side`` grid: the outer product of the float32
+    taps cast to ``dtype`` (the official order: normalise, cast, then outer product)."""
+    taps = gaussian_kernel1d(sigma, seg_kernel_size(sigma, side)).to(device, dtype)
+    return th.outer(taps, taps)
+
+
+def seg_blur_queries(q, grid, sigma, kernel=None):
     """SEG's query blur: ``q`` [N, C, T] over the square token grid ``grid`` (row-major tokens).
 
     ``sigma > 9999``: every query becomes the mean query of its (sample, head, channel); else a
-    depthwise Gaussian blur (float32 kernel cast to q's dtype, reflect padding).
+    depthwise Gaussian blur (float32 kernel cast to q's dtype, reflect padding). ``kernel``: the
+    :func:`seg_kernel2d` of this sigma and grid if already built (the fast path caches it).
     """
-    if len(grid) != 2 or grid[0] != grid[1]:
-        raise ValueError(f"SEG blurs the queries over a square 2-D token grid, got {tuple(grid)}")
+    check_square_grid(grid)
     n, ch, length = q.shape
     if sigma > SEG_INFINITE_SIGMA:
         return q.mean(dim=-1, keepdim=True).expand(n, ch, length)
     side = grid[1]
-    taps = gaussian_kernel1d(sigma, seg_kernel_size(sigma, side)).to(q.device, q.dtype)
-    blurred = blur_with_kernel(q.reshape(n, ch, side, side), th.outer(taps, taps))
+    if kernel is None:
+        kernel = seg_kernel2d(sigma, side, q.device, q.dtype)
+    blurred = blur_with_kernel(q.reshape(n, ch, side, side), kernel)
     return blurred.reshape(n, ch, length)
+
+
+def check_square_grid(grid):
+    if grid is None or len(grid) != 2 or grid[0] != grid[1]:
+        raise ValueError(f"SEG blurs the queries over a square 2-D token grid, got "
+                         f"{None if grid is None else tuple(grid)}")
 
 
 # ---------------------------------------------------------------------------------- the perturbation
@@ -206,7 +220,7 @@ class PerturbedAttention(nn.Module):
 
 @contextlib.contextmanager
 def perturbed_attention(model, drop_layers, strategy=PAG, noise_scale=1.0, seg_sigma=math.inf,
-                        reproduce_rng=True):
+                        reproduce_rng=True, make_op=None):
     """Within this context, the named AttentionBlocks of ``model`` run a perturbed attention op.
 
     :param drop_layers: ``named_modules`` paths of AttentionBlocks (``middle_block.1``, ...).
@@ -215,6 +229,8 @@ def perturbed_attention(model, drop_layers, strategy=PAG, noise_scale=1.0, seg_s
         off-diagonal logits).
     :param seg_sigma: SEG's blur sigma in tokens; ``> 9999`` (e.g. ``math.inf``): mean query.
     :param reproduce_rng: draw the original's ``th.rand`` masks also where they are fixed.
+    :param make_op: ``make_op(name, original_op)`` -> the :class:`PerturbedAttention` to install
+        (default: a new one with these settings; the fast path passes its own, cached).
 
     The original ops (and any hooks on them, e.g. a SAG probe) are back on exit.
     """
@@ -226,8 +242,11 @@ def perturbed_attention(model, drop_layers, strategy=PAG, noise_scale=1.0, seg_s
             original = block.attention
             if isinstance(original, PerturbedAttention):
                 raise RuntimeError(f"{name} is already perturbed (nested perturbed_attention?)")
-            op = PerturbedAttention(original.n_heads, op_layout(original) == "new", strategy,
-                                    noise_scale, seg_sigma, reproduce_rng)
+            if make_op is None:
+                op = PerturbedAttention(original.n_heads, op_layout(original) == "new", strategy,
+                                        noise_scale, seg_sigma, reproduce_rng)
+            else:
+                op = make_op(name, original)
             hook = block.register_forward_pre_hook(op.record_grid) if strategy == SEG else None
             swapped.append((block, original, hook))
             block.attention = op
@@ -260,6 +279,8 @@ class PerturbedAttentionGuidance(TwoPassGuidance):
         ``delta = guide_scale * (eps - eps_pert)``) to the step outputs.
     """
 
+    make_op = None  # perturbed_attention's make_op; the fast path's subclass installs its own ops
+
     def __init__(self, model, guide_scale=4.0, drop_layers=None, guidance_window=None,
                  strategy=PAG, noise_scale=1.0, seg_sigma=math.inf, drop_layer_randomly=False,
                  reproduce_rng=True, keep_intermediates=False):
@@ -278,11 +299,15 @@ class PerturbedAttentionGuidance(TwoPassGuidance):
     def active_at(self, step):
         return self.window is None or self.window[0] >= step >= self.window[1]
 
-    def perturbation(self):
-        """The context in which the second pass runs (the chosen blocks perturbed)."""
-        layers = [self._random_layer()] if self.drop_layer_randomly else self.drop_layers
-        return perturbed_attention(self.unet, layers, self.strategy, self.noise_scale,
-                                   self.seg_sigma, self.reproduce_rng)
+    def perturbation(self, layers=None):
+        """The context in which the second pass runs (``layers``, default :meth:`step_layers`,
+        perturbed)."""
+        return perturbed_attention(self.unet, layers or self.step_layers(), self.strategy,
+                                   self.noise_scale, self.seg_sigma, self.reproduce_rng, self.make_op)
+
+    def step_layers(self):
+        """The blocks one guided step perturbs (one random block with ``drop_layer_randomly``)."""
+        return [self._random_layer()] if self.drop_layer_randomly else self.drop_layers
 
     def _random_layer(self):
         seed = th.initial_seed()

@@ -212,15 +212,15 @@ def build_guidance(args, model, fast=None):
         return None
     validate(args)
     name, window = pag.parse_strategies(args.guidance_strategies)
-    if name == pag.SAG_STRATEGY:
-        from .fast_path import sag_class
+    from .fast_path import pag_class, sag_class
 
+    if name == pag.SAG_STRATEGY:
         return sag_class(**(fast or {}))(model, guide_scale=args.guide_scale, blur_sigma=args.blur_sigma,
                         sel_attn_block=args.sel_attn_block, sel_attn_depth=args.sel_attn_depth,
                         sag_heads=args.sag_heads, guidance_window=window)
     names, flag = _layers_and_flag(args)
     pag.resolve_layers(model, names, flag)  # the error names the flag the user gave
-    guidance = pag.PerturbedAttentionGuidance(
+    guidance = pag_class(**(fast or {}))(  # the fast path's class with --fast_attention True
         model, guide_scale=args.guide_scale, drop_layers=names, guidance_window=window,
         strategy=name, noise_scale=args.noise_scale, seg_sigma=args.seg_blur_sigma,
         drop_layer_randomly=args.drop_layer_randomly, reproduce_rng=args.pag_reproduce_rng)

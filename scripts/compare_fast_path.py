@@ -1,15 +1,20 @@
 """Check a faster sampling path against the exact float32 path, step by step, on one model.
 
-Every DDIM step starts both paths from the same x_t (the exact path's trajectory) with SAG on,
-and compares: the SAG mask (share of equal positions), the first pass's eps (norm-relative and
-max-relative error) and the guided eps. Takes the sampling scripts' model and SAG flags, so any
-checkpoint can be checked before a long run; ``--model_path random`` uses random weights in the
-given layout (no checkpoint needed). Prints a table last; ``--check True`` exits with status 1
-when a path misses its tolerance (mask agreement over the trajectory >= 99%, first-pass eps
-within 16 unit roundoffs of its format, norm-relative).
+Every DDIM step starts both paths from the same x_t (the exact path's trajectory) with the
+guidance on (SAG, or PAG / SEG with ``--guidance_strategies``), and compares: the SAG mask
+(share of equal positions; PAG / SEG have none), the first pass's eps (norm-relative and
+max-relative error), the second pass's eps and the guided eps. Takes the sampling scripts' model
+and guidance flags, so any checkpoint can be checked before a long run; ``--model_path random``
+uses random weights in the given layout (no checkpoint needed). Prints a table last; ``--check
+True`` exits with status 1 when a path misses its tolerance (first-pass eps within 16 unit
+roundoffs of its format, norm-relative; SAG: mask agreement over the trajectory >= 99%; PAG /
+SEG: the second pass's eps within the same tolerance).
+PAG / SEG guide every compared step whatever the flags' window.
 
     source configs/digits.sh   # the bundled default (trained weights)
     python scripts/compare_fast_path.py $SAG_FLAGS $MODEL_FLAGS --model_path $MODEL_PATH
+    python scripts/compare_fast_path.py $MODEL_FLAGS --model_path $MODEL_PATH \
+        --guidance_strategies '{"attention_mask_identity": [49, 0]}' --drop_layers middle_block.1
     python scripts/compare_fast_path.py --image_size 256 --num_channels 256 --num_res_blocks 2 \\
         --attention_resolutions 32,16,8 --num_head_channels 64 --resblock_updown True \\
         --use_scale_shift_norm True --learn_sigma True --model_path random --batch_size 4
@@ -32,14 +37,14 @@ from guided_diffusion.bench_report import append_markdown, describe_machine  # n
 from guided_diffusion.checkpoint_util import CheckpointError, load_checkpoint  # noqa: E402
 from guided_diffusion.fast_path import (  # noqa: E402
     DTYPES,
-    FastSelfAttentionGuidance,
+    pag_class,
     prepare_model,
+    sag_class,
     set_tf32,
     tf32_mode,
 )
-from guided_diffusion.path_agreement import compare_sag_steps, summarize  # noqa: E402
-from guided_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from guided_diffusion import script_util as su  # noqa: E402
+from guided_diffusion.path_agreement import compare_guided_steps, summarize  # noqa: E402
+from guided_diffusion import pag, pag_flags, script_util as su  # noqa: E402
 
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 ROUNDOFFS_ALLOWED = 16  # first-pass eps error allowed, in unit roundoffs of the path's format
@@ -58,6 +63,7 @@ def parse_args(argv=None):
     defaults.update(su.sag_defaults())
     defaults.update(timestep_respacing="ddim25", model_path="", batch_size=8)
     su.add_dict_to_argparser(p, defaults)
+    pag_flags.add_arguments(p)  # --guidance_strategies, --drop_layers, --seg_blur_sigma, ...
     p.add_argument("--paths", default="", help="comma list (see above); default: "
                    + "; ".join(f"{dev}: {paths}" for dev, paths in DEFAULT_PATHS.items()))
     p.add_argument("--steps", type=int, default=0, help="compared steps from the top (0: all)")
@@ -73,7 +79,16 @@ def parse_args(argv=None):
                 "(e.g. source configs/digits.sh and pass --model_path $MODEL_PATH)")
     if args.model_path != "random" and not os.path.isfile(args.model_path):
         p.error(f"--model_path {args.model_path}: no such file")
+    try:
+        pag_flags.validate(args)  # resolves --guide_scale (PAG / SEG default 4.0)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
     return args
+
+
+def strategy(args):
+    """``sag``, or the PAG / SEG strategy of ``--guidance_strategies``."""
+    return next(iter(args.guidance_strategies)) if pag_flags.requested(args) else pag.SAG_STRATEGY
 
 
 def parse_path(spec):
@@ -112,20 +127,37 @@ def build_path(exact_model, spec, args):
     model = copy.deepcopy(exact_model)
     if kwargs is None:
         model.convert_to_fp16()
-        cls, allow_tf32 = SelfAttentionGuidance, False
+        fast, allow_tf32 = False, False
     else:
         prepare_model(model, **kwargs)
-        cls, allow_tf32 = FastSelfAttentionGuidance, kwargs["allow_tf32"]
+        fast, allow_tf32 = True, kwargs["allow_tf32"]
     set_tf32(False)  # prepare_model set TF32 process-wide; each path's steps set their own
-    guidance = cls(model, **guidance_kwargs(args))
+    guidance = build_guidance(model, args, fast)
     return model, guidance, (lambda: tf32_mode(allow_tf32)), fmt
 
 
-def guidance_kwargs(args):
-    # SAG on at every compared step; the user's scale, blur, block and heads.
-    return dict(guide_scale=args.guide_scale, guide_start=10 ** 9, blur_sigma=args.blur_sigma,
-                sel_attn_block=args.sel_attn_block, sel_attn_depth=args.sel_attn_depth,
-                sag_heads=args.sag_heads, keep_intermediates=True)
+def build_guidance(model, args, fast):
+    """The exact or fast guidance, on at every compared step; the user's other settings."""
+    if strategy(args) == pag.SAG_STRATEGY:
+        return sag_class(fast_attention=fast)(
+            model, guide_scale=args.guide_scale, guide_start=10 ** 9, blur_sigma=args.blur_sigma,
+            sel_attn_block=args.sel_attn_block, sel_attn_depth=args.sel_attn_depth,
+            sag_heads=args.sag_heads, keep_intermediates=True)
+    return pag_class(fast_attention=fast)(
+        model, guide_scale=args.guide_scale, drop_layers=pag_flags.layers(args), strategy=strategy(args),
+        noise_scale=args.noise_scale, seg_sigma=args.seg_blur_sigma,
+        drop_layer_randomly=args.drop_layer_randomly, reproduce_rng=args.pag_reproduce_rng,
+        keep_intermediates=True)
+
+
+def describe_guidance(args):
+    name = strategy(args)
+    if name == pag.SAG_STRATEGY:
+        return (f"SAG on every step (scale {args.guide_scale:g}, blur sigma {args.blur_sigma:g}, "
+                f"{args.sel_attn_block} {args.sel_attn_depth}, heads: {args.sag_heads})")
+    detail = f"sigma {args.seg_blur_sigma:g}" if name == pag.SEG else f"noise_scale {args.noise_scale:g}"
+    return (f"{'SEG' if name == pag.SEG else 'PAG'} ({name}) on every step (scale {args.guide_scale:g}, "
+            f"{detail}, layers {' '.join(pag_flags.layers(args))})")
 
 
 def inputs(args, device):
@@ -140,28 +172,33 @@ def inputs(args, device):
 
 def report(results, args, device):
     head = ("| path | steps | mask agreement (mean / worst step) | eps rel. err (worst step) | "
-            "eps max-rel. err | guided eps rel. err | tolerance (eps) | verdict |")
+            "eps max-rel. err | 2nd-pass eps rel. err | guided eps rel. err | tolerance (eps) | verdict |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     failed = []
     for spec, (fmt, s) in results.items():
-        ok = s["mean_mask_agreement"] >= MIN_MASK_AGREEMENT and s["max_eps_rel_err"] <= tolerance(fmt)
+        has_mask = s["mean_mask_agreement"] is not None  # SAG; PAG / SEG: both passes' eps
+        ok = s["max_eps_rel_err"] <= tolerance(fmt) and (
+            s["mean_mask_agreement"] >= MIN_MASK_AGREEMENT if has_mask
+            else s["max_second_eps_rel_err"] <= tolerance(fmt))
         if not ok:
             failed.append(spec)
+        mask = (f"{100 * s['mean_mask_agreement']:.2f}% / {100 * s['min_mask_agreement']:.2f}%"
+                if has_mask else "- (no mask)")
         lines.append(
-            f"| {spec} | {s['steps']} | {100 * s['mean_mask_agreement']:.2f}% / "
-            f"{100 * s['min_mask_agreement']:.2f}% | {s['max_eps_rel_err']:.2e} | "
-            f"{s['max_eps_max_rel_err']:.2e} | {s['max_guided_eps_rel_err']:.2e} | "
-            f"{tolerance(fmt):.1e} ({fmt}) | {'ok' if ok else 'FAIL'} |")
+            f"| {spec} | {s['steps']} | {mask} | {s['max_eps_rel_err']:.2e} | "
+            f"{s['max_eps_max_rel_err']:.2e} | {s['max_second_eps_rel_err']:.2e} | "
+            f"{s['max_guided_eps_rel_err']:.2e} | {tolerance(fmt):.1e} ({fmt}) | {'ok' if ok else 'FAIL'} |")
     what = "random weights" if args.model_path == "random" else args.model_path
     notes = [
         f"Machine: {describe_machine(device)}. Model: {what}, {args.image_size}x{args.image_size}, "
-        f"batch {args.batch_size}, respacing {args.timestep_respacing}, SAG on every step "
-        f"(scale {args.guide_scale:g}, blur sigma {args.blur_sigma:g}, {args.sel_attn_block} "
-        f"{args.sel_attn_depth}, heads: {args.sag_heads}); reference: exact fp32 (TF32 off).",
+        f"batch {args.batch_size}, respacing {args.timestep_respacing}, {describe_guidance(args)}; "
+        "reference: exact fp32 (TF32 off).",
         "Teacher-forced: each step starts both paths from the exact trajectory's x_t. Errors are "
-        "||fast - exact|| / ||exact|| (max-rel.: max|fast - exact| / max|exact|); the guided eps "
-        "also moves where a mask position flips. Tolerance: mask agreement >= 99% over the "
-        f"trajectory and first-pass eps within {ROUNDOFFS_ALLOWED} unit roundoffs of the format.",
+        "||fast - exact|| / ||exact|| (max-rel.: max|fast - exact| / max|exact|); the 2nd pass is "
+        "SAG's degraded input or PAG's / SEG's perturbed network; SAG's guided eps also moves where "
+        f"a mask position flips. Tolerance: first-pass eps within {ROUNDOFFS_ALLOWED} unit roundoffs "
+        "of the format, and SAG mask agreement >= 99% over the trajectory (PAG / SEG: the 2nd "
+        "pass's eps within the same tolerance).",
     ]
     return "\n".join(lines), notes, failed
 
@@ -177,23 +214,25 @@ def main(argv=None):
     except ValueError as exc:
         sys.exit(f"error: {exc}")
     if args.guide_scale == 1.0:
-        sys.exit("error: --guide_scale 1 turns SAG off: nothing to compare (use e.g. 1.5)")
+        if strategy(args) == pag.SAG_STRATEGY:
+            sys.exit("error: --guide_scale 1 turns SAG off: nothing to compare (use e.g. 1.5)")
+        sys.exit("error: --guide_scale 1 turns PAG / SEG off: nothing to compare (use e.g. 4.0)")
     try:
         exact_model, diffusion = build_exact(args, device)
         paths, formats = {}, {}
         for spec in specs:  # copies of the exact network, taken before its probe is attached
             *paths[spec], formats[spec] = build_path(exact_model, spec, args)
-        exact = (exact_model, SelfAttentionGuidance(exact_model, **guidance_kwargs(args)),
-                 lambda: tf32_mode(False))
+        exact = (exact_model, build_guidance(exact_model, args, fast=False), lambda: tf32_mode(False))
     except (CheckpointError, ValueError) as exc:  # flags that do not fit the checkpoint / block
         sys.exit(f"error: {str(exc).strip().splitlines()[0]}")
     noise, model_kwargs = inputs(args, device)
-    rows = compare_sag_steps(diffusion, exact, paths, noise, model_kwargs, steps=args.steps or None)
+    rows = compare_guided_steps(diffusion, exact, paths, noise, model_kwargs, steps=args.steps or None)
     if args.per_step:
         for spec, steps in rows.items():
             for r in steps:
-                print(f"[{spec}] step {r['step']}: mask {100 * r['mask_agreement']:.2f}%, "
-                      f"eps {r['eps_rel_err']:.2e}, guided eps {r['guided_eps_rel_err']:.2e}")
+                mask = "" if r["mask_agreement"] is None else f"mask {100 * r['mask_agreement']:.2f}%, "
+                print(f"[{spec}] step {r['step']}: {mask}eps {r['eps_rel_err']:.2e}, "
+                      f"2nd-pass eps {r['second_eps_rel_err']:.2e}, guided eps {r['guided_eps_rel_err']:.2e}")
     for _, guidance, _ in [exact, *paths.values()]:
         guidance.close()
     results = {spec: (formats[spec], summarize(steps)) for spec, steps in rows.items()}

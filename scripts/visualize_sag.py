@@ -1,15 +1,24 @@
-"""Pictures of what SAG does, from one noise and one set of labels.
+"""Pictures of what SAG, PAG and SEG do, from one noise and one set of labels.
 
 Writes into ``--out_dir``:
   * ``sag_step_<t>.png`` for each chosen respaced step t: one row per image, columns
     x_t | predicted x_0 | attention mask | blurred x_0 | degraded input x̄_t;
-  * ``sag_comparison.png``: rows = no guidance / SAG / classifier guidance / SAG + classifier
-    guidance, the same noise and labels in every row (columns = images).
+  * ``pag_step_<t>.png`` / ``seg_step_<t>.png`` for each ``--compare_flags`` guidance (PAG, SEG):
+    one row per image, columns x_t | x_0 of the plain pass | x_0 of the perturbed pass | their
+    difference (plain - perturbed, scaled per image to the full grey range, mid-grey = 0) |
+    guided x_0;
+  * ``comparison.png``: rows = no guidance, SAG, each ``--compare_flags`` guidance, classifier
+    guidance, each guidance + classifier guidance, the same noise and labels in every row
+    (columns = images).
 Small images are enlarged by pixel repetition (``--zoom``; default: tiles of at least 128 px).
 
-Takes the flags of ``classifier_sample.py`` (model, classifier, SAG); for example, with the
-bundled default: ``source configs/digits.sh; python scripts/visualize_sag.py $SAG_FLAGS
-$MODEL_FLAGS $CLASSIFIER_FLAGS --model_path $MODEL_PATH --timestep_respacing 50 --steps 40,25,10``.
+Takes the flags of ``classifier_sample.py`` (model, classifier, SAG). ``--compare_flags "FLAGS"``
+(repeatable) adds a guidance given by the PAG / SEG flags of ``classifier_sample.py`` as one
+string, split on whitespace as the shell splits an unquoted variable (so JSON without spaces),
+e.g. ``--compare_flags "$PAG_FLAGS" --compare_flags "$SEG_FLAGS"``. With the bundled
+default: ``source configs/digits.sh; python scripts/visualize_sag.py $SAG_FLAGS $MODEL_FLAGS
+$CLASSIFIER_FLAGS --model_path $MODEL_PATH --timestep_respacing 50 --steps 40,25,10
+--compare_flags "$PAG_FLAGS" --compare_flags "$SEG_FLAGS"``.
 """
 
 import os
@@ -20,9 +29,18 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, sampling  # noqa: E402
-from guided_diffusion.fast_path import pair_overlap  # noqa: E402
+from guided_diffusion import dist_util, pag, pag_flags, sampling  # noqa: E402
+from guided_diffusion.fast_path import fast_path_flags, pair_overlap  # noqa: E402
+from guided_diffusion.guidance import find_unet  # noqa: E402
 from guided_diffusion.image_io import make_grid, to_uint8_nhwc, upscale_nearest, write_png  # noqa: E402
+
+# Row label and file prefix per guidance strategy.
+LABELS = {pag.SAG_STRATEGY: ("SAG", "sag"), pag.PAG: ("PAG", "pag"), pag.SEG: ("SEG", "seg"),
+          pag.MASK: ("PAG (attention_mask)", "pag_mask")}
+COLUMNS = {
+    "sag": "x_t, predicted x_0, mask, blurred x_0, degraded input",
+    "pag": "x_t, plain x_0, perturbed x_0, difference (per image scale), guided x_0",
+}
 
 
 def parse_args(argv=None):
@@ -34,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default="sag_pictures", help="folder for the PNGs")
     parser.add_argument("--zoom", type=int, default=0,
                         help="pixel-repeat factor for the PNGs (default: tiles of at least 128 px)")
+    parser.add_argument("--compare_flags", action="append", default=[], metavar='"FLAGS"',
+                        help="another guided row: PAG / SEG flags of classifier_sample.py as one "
+                        "string (--guidance_strategies ... --drop_layers ... --guide_scale ...); repeatable")
     args = parser.parse_args(argv)
     if args.zoom < 0:
         parser.error(f"--zoom {args.zoom}: must be 0 (automatic) or a positive factor")
@@ -42,7 +63,31 @@ def parse_args(argv=None):
                      "(--use_ddim, --timestep_respacing)")
     args.zoom = args.zoom or max(1, 128 // args.image_size)
     args.batch_size = args.num_images
+    if args.guidance_strategies is not None:
+        parser.error("--guidance_strategies: the main flags give the SAG row; pass PAG / SEG flags "
+                     'as --compare_flags "FLAGS"')
+    args.compared = [compared_args(flags) for flags in args.compare_flags]
     return args
+
+
+def compared_args(flags):
+    """The sampling flags of one ``--compare_flags`` string (defaults elsewhere), validated; a
+    one-line SystemExit otherwise. The string is split on whitespace, as the shell splits an
+    unquoted ``$PAG_FLAGS`` (no quote removal: JSON goes in without spaces)."""
+    compared_parser = sampling.create_argparser("classifier")
+
+    def refuse(message):
+        raise ValueError(message)
+
+    compared_parser.error = refuse  # argparse's usage dump would hide the one line that matters
+    try:
+        compared = compared_parser.parse_args(flags.split())
+        if not pag_flags.requested(compared):
+            raise ValueError("give --guidance_strategies (PAG / SEG) in it")
+        pag_flags.validate(compared)
+    except ValueError as exc:
+        raise SystemExit(f"error: --compare_flags {flags!r}: {exc}")
+    return compared
 
 
 def chosen_steps(args, num_steps):
@@ -61,10 +106,30 @@ def mask_image(mask):
     return grey.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def scaled_difference(a, b):
+    """``a - b`` scaled per image so that its largest magnitude is full white / black."""
+    diff = a - b
+    peak = diff.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return diff / peak
+
+
+def step_panel(x_t, out):
+    """The columns of one step's panel (see the module doc), uint8 [N, columns, H, W, 3]."""
+    if "sag" in out:
+        inter = out["sag"]
+        columns = [to_uint8_nhwc(x_t), to_uint8_nhwc(out["pred_xstart"]), mask_image(inter["mask"]),
+                   to_uint8_nhwc(inter["blurred"]), to_uint8_nhwc(inter["x_bar"])]
+    else:
+        plain, perturbed = out["pred_xstart"], out["pag"]["perturbed_pred_xstart"]
+        columns = [to_uint8_nhwc(x) for x in (x_t, plain, perturbed, scaled_difference(plain, perturbed),
+                                              out["guided_pred_xstart"])]
+    return np.stack(columns, axis=1)
+
+
 def run(args, diffusion, model_fn, cond_fn, guidance, labels, noise, record=None):
-    """One sampling run from fixed noise; optionally records SAG intermediates at steps."""
+    """One sampling run from fixed noise; optionally records the guidance's panels at steps."""
     th.manual_seed(args.seed)
-    pair_overlap(guidance, cond_fn)  # the SAG-only run computes no classifier gradient
+    pair_overlap(guidance, cond_fn)  # a run without classifier guidance computes no gradient
     loop = diffusion.ddim_sample_loop_progressive if args.use_ddim else diffusion.p_sample_loop_progressive
     img = noise
     out = None
@@ -72,14 +137,29 @@ def run(args, diffusion, model_fn, cond_fn, guidance, labels, noise, record=None
                       loop(model_fn, tuple(noise.shape), noise=noise, clip_denoised=args.clip_denoised,
                            model_kwargs={"y": labels}, cond_fn=cond_fn, device=noise.device,
                            guidance=guidance)):
-        if record is not None and i in record and "sag" in out:
-            inter = out["sag"]
-            record[i] = np.concatenate([
-                to_uint8_nhwc(img)[:, None], to_uint8_nhwc(out["pred_xstart"])[:, None],
-                mask_image(inter["mask"])[:, None], to_uint8_nhwc(inter["blurred"])[:, None],
-                to_uint8_nhwc(inter["x_bar"])[:, None]], axis=1)
+        if record is not None and i in record and ("sag" in out or "pag" in out):
+            record[i] = step_panel(img, out)
         img = out["sample"]
     return to_uint8_nhwc(out["sample"])
+
+
+def build_guidances(args, diffusion, model_fn, sag_guidance):
+    """``[(label, file prefix, guidance)]``: SAG from the main flags, then each ``--compare_flags``."""
+    unet = find_unet(diffusion, model_fn, {})
+    built = [(*LABELS[pag.SAG_STRATEGY], sag_guidance)]
+    for flags, compared in zip(args.compare_flags, args.compared):
+        try:
+            guidance = pag_flags.build_guidance(compared, unet, fast_path_flags(args))
+        except ValueError as exc:
+            raise SystemExit(f"error: --compare_flags {flags!r}: {exc}")
+        built.append((*LABELS[next(iter(compared.guidance_strategies))], guidance))
+    prefixes = [prefix for _, prefix, _ in built]
+    for i, (label, prefix, guidance) in enumerate(built):
+        if prefixes.count(prefix) > 1:  # two PAG rows, say: number their files
+            built[i] = (f"{label} {prefixes[:i + 1].count(prefix)}", f"{prefix}{prefixes[:i + 1].count(prefix)}",
+                        guidance)
+        guidance.keep_intermediates = True
+    return built
 
 
 def main(argv=None):
@@ -90,35 +170,41 @@ def main(argv=None):
     wanted_cg = args.classifier_guidance
     args.classifier_guidance = True  # build the gradient function; each run picks what it uses
     try:
-        diffusion, model_fn, cond_fn, guidance = sampling.build_sampler(args, "classifier")
+        diffusion, model_fn, cond_fn, sag_guidance = sampling.build_sampler(args, "classifier")
     except sampling.UsageError as exc:
         raise SystemExit(f"error: {exc}")
-    guidance.keep_intermediates = True
+    guidances = build_guidances(args, diffusion, model_fn, sag_guidance)
     device = dist_util.dev()
     gen = th.Generator().manual_seed(args.seed)
     labels = th.randint(0, args.num_classes, (args.num_images,), generator=gen).to(device)
     noise = th.randn(args.num_images, 3, args.image_size, args.image_size, generator=gen).to(device)
     os.makedirs(args.out_dir, exist_ok=True)
 
-    record = {s: None for s in chosen_steps(args, diffusion.num_timesteps)}
-    rows = [
-        ("no guidance", run(args, diffusion, model_fn, None, None, labels, noise)),
-        ("SAG", run(args, diffusion, model_fn, None, guidance, labels, noise, record)),
-        ("classifier guidance", run(args, diffusion, model_fn, cond_fn, None, labels, noise)),
-        ("SAG + classifier guidance", run(args, diffusion, model_fn, cond_fn, guidance, labels, noise)),
-    ]
-    for step, panel in record.items():
-        if panel is None:
-            print(f"step {step}: SAG was not active (guide_start {args.guide_start}); no panel")
-            continue
-        path = os.path.join(args.out_dir, f"sag_step_{step}.png")
-        grid = make_grid(panel.reshape(-1, *panel.shape[2:]), ncols=panel.shape[1])
-        write_png(path, upscale_nearest(grid, args.zoom))
-        print(f"wrote {path} (columns: x_t, predicted x_0, mask, blurred x_0, degraded input)")
-    path = os.path.join(args.out_dir, "sag_comparison.png")
+    steps = chosen_steps(args, diffusion.num_timesteps)
+    rows = [("no guidance", run(args, diffusion, model_fn, None, None, labels, noise))]
+    records = {}
+    for label, prefix, guidance in guidances:
+        records[prefix] = (label, {s: None for s in steps})
+        rows.append((label, run(args, diffusion, model_fn, None, guidance, labels, noise, records[prefix][1])))
+    rows.append(("classifier guidance", run(args, diffusion, model_fn, cond_fn, None, labels, noise)))
+    for label, _, guidance in guidances:
+        rows.append((f"{label} + classifier guidance", run(args, diffusion, model_fn, cond_fn, guidance, labels, noise)))
+    for prefix, (label, record) in records.items():
+        for step, panel in record.items():
+            if panel is None:
+                print(f"step {step}: {label} was not active (SAG: --guide_start; PAG / SEG: the "
+                      "--guidance_strategies window); no panel")
+                continue
+            path = os.path.join(args.out_dir, f"{prefix}_step_{step}.png")
+            grid = make_grid(panel.reshape(-1, *panel.shape[2:]), ncols=panel.shape[1])
+            write_png(path, upscale_nearest(grid, args.zoom))
+            print(f"wrote {path} (columns: {COLUMNS['sag' if prefix == 'sag' else 'pag']})")
+    path = os.path.join(args.out_dir, "comparison.png")
     grid = make_grid(np.concatenate([r for _, r in rows]), ncols=args.num_images)
     write_png(path, upscale_nearest(grid, args.zoom))
     print(f"wrote {path} (rows: {'; '.join(name for name, _ in rows)}; labels {labels.tolist()})")
+    for _, _, guidance in guidances:
+        guidance.close()
     args.classifier_guidance = wanted_cg
 
 

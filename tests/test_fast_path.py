@@ -201,7 +201,8 @@ def test_classifier_overlap_gives_the_same_samples(sampler):
 
 
 def test_benchmark_tiny_runs_and_prints_table():
-    cmd = [sys.executable, str(REPO / "scripts" / "benchmark_sampling.py"), "--tiny", "--classifier_guidance", "True"]
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark_sampling.py"), "--tiny", "--classifier_guidance", "True",
+           "--guidances", "sag"]  # PAG / SEG rows: tests/test_fast_pag.py
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()

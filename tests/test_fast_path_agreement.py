@@ -18,9 +18,16 @@ import pytest
 import torch as th
 
 from guided_diffusion.checkpoint_util import load_checkpoint
-from guided_diffusion.fast_path import (FastSelfAttentionGuidance, _tf32_state, prepare_model, tf32_enabled,
-                                       tf32_mode)
-from guided_diffusion.path_agreement import compare_sag_steps, summarize
+from guided_diffusion.fast_path import (
+    FastPerturbedAttentionGuidance,
+    FastSelfAttentionGuidance,
+    _tf32_state,
+    prepare_model,
+    tf32_enabled,
+    tf32_mode,
+)
+from guided_diffusion.pag import PerturbedAttentionGuidance
+from guided_diffusion.path_agreement import compare_guided_steps, compare_sag_steps, summarize
 from guided_diffusion.sag import SelfAttentionGuidance
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -159,7 +166,7 @@ def test_verdict_on_a_miss():
     spec.loader.exec_module(script)
     args = script.parse_args(cli_flags())
     good = dict(steps=3, min_mask_agreement=0.995, mean_mask_agreement=0.999, max_eps_rel_err=1e-2,
-                max_eps_max_rel_err=2e-2, max_guided_eps_rel_err=1e-2)
+                max_eps_max_rel_err=2e-2, max_second_eps_rel_err=1e-2, max_guided_eps_rel_err=1e-2)
     results = {"bf16": ("bf16", good),
                "fp16": ("fp16", dict(good)),  # 1e-2 > 16 * 2^-11
                "bf16+nhwc": ("bf16", dict(good, mean_mask_agreement=0.98))}
@@ -206,6 +213,72 @@ def test_prepare_model_forbids_tf32_unless_allowed():
         assert _tf32_state() in (("ieee", "ieee"), (False, False))  # (older torch: booleans)
         prepare_model(copy.deepcopy(model), allow_tf32=True)
         assert tf32_enabled()
+
+
+# ---------------------------------------------------------------------------------- PAG / SEG
+
+PAG_LAYERS = ["input_blocks.7.1", "middle_block.1"]
+
+
+def pag_guidance(model, cls=PerturbedAttentionGuidance, **overrides):
+    kwargs = dict(guide_scale=4.0, drop_layers=PAG_LAYERS, keep_intermediates=True)
+    kwargs.update(overrides)
+    return cls(model, **kwargs)
+
+
+def test_pag_and_seg_paths_step_by_step():
+    """PAG / SEG have no mask: the figures are both passes' eps; the SDPA path is the exact
+    numbers; a path perturbing another block is caught by its second pass alone."""
+    model, diffusion = digits_model()
+    fast = prepare_model(copy.deepcopy(model), fast_attention=True)
+    noise, kwargs = start()
+    for settings in (dict(), dict(strategy="seg", drop_layers=["middle_block.1"])):
+        exact = (model, pag_guidance(model, **settings))
+        paths = {"fp32": (fast, pag_guidance(fast, FastPerturbedAttentionGuidance, **settings)),
+                 "other_block": (model, pag_guidance(model, **dict(settings, drop_layers=["output_blocks.2.1"])))}
+        rows = compare_guided_steps(diffusion, exact, paths, noise, kwargs, steps=3)
+        fp32, other = summarize(rows["fp32"]), summarize(rows["other_block"])
+        assert fp32["mean_mask_agreement"] is None and rows["fp32"][0]["mask_agreement"] is None
+        assert max(fp32["max_eps_rel_err"], fp32["max_second_eps_rel_err"], fp32["max_guided_eps_rel_err"]) < 1e-5
+        assert other["max_eps_rel_err"] == 0.0 and other["max_second_eps_rel_err"] > 1e-3
+    with pytest.raises(ValueError, match="runs sag, the exact path pag"):
+        compare_guided_steps(diffusion, exact, {"sag": (fast, sag(fast))}, noise, kwargs, steps=1)
+    with pytest.raises(ValueError, match="guidance was not active at step 9"):
+        compare_guided_steps(diffusion, exact, {"f": (fast, pag_guidance(fast, guidance_window=(5, 0)))},
+                             noise, kwargs, steps=1)
+
+
+def load_compare_script():
+    spec = importlib.util.spec_from_file_location("compare_fast_path", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def digits_pag_flags(*extra):
+    """The digits model's flags without the SAG ones (which PAG / SEG refuse), then ``extra``."""
+    flags = dict(DIGITS, model_path=str(REPO / "models" / "digits32_diffusion.pt"))
+    return [word for key, value in flags.items() for word in (f"--{key}", str(value))] + list(extra)
+
+
+def test_compare_script_checks_seg_and_pag(capsys):
+    """In process (no interpreter start-up): SEG through the script with --check, PAG's errors."""
+    script = load_compare_script()
+    script.main(digits_pag_flags("--guidance_strategies", '{"seg": [9, 0]}', "--seg_layers", "middle_block.1",
+                                 "--timestep_respacing", "ddim10", "--paths", "fp32", "--steps", "2",
+                                 "--batch_size", "2", "--device", "cpu", "--check", "True"))
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert list(rows) == ["fp32"] and rows["fp32"][2] == "- (no mask)" and rows["fp32"][-1] == "ok"
+    assert "SEG (seg) on every step (scale 4, sigma inf, layers middle_block.1)" in out
+    for extra, message in [
+        (["--guide_scale", "1"], "turns PAG / SEG off"),
+        (["--blur_sigma", "3"], "SAG and PAG/SEG requested in one run"),
+        (["--drop_layers", "middle_block.0"], "valid names"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            script.main(digits_pag_flags("--guidance_strategies", '{"attention_mask_identity": [9, 0]}',
+                                         "--device", "cpu", "--steps", "1", "--batch_size", "1", *extra))
 
 
 # ---------------------------------------------------------------------------------- GPU
