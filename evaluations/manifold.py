@@ -40,7 +40,7 @@ COL_BATCH = 10000
 TILE = 5000  # fast path: largest GEMM tile (decisions do not depend on it)
 MIN_SHARED_TILE = 256  # tiles at least this large share one GEMM for both orientations
 CHUNK = 128  # rows per elementwise pass, so the pass stays in cache
-GROUP = 64  # columns per group minimum in the radius candidate search
+GROUP = 64  # columns per group minimum in the radius candidate search (at most)
 DENSE_FRACTION = 1 / 4  # more candidates than this fraction of a chunk: emulate it whole
 
 
@@ -218,7 +218,8 @@ class _RadiusSearch:
         """Rows r0.. against columns c0.. of the set, g = their GEMM tile."""
         nv = self.pts.norms[c0 : c0 + g.shape[1]]
         width = g.shape[1]
-        padded = -(-width // GROUP) * GROUP
+        group = max(4, min(GROUP, width // 64))  # enough groups for a selective k-th minimum
+        padded = -(-width // group) * group
         buf = torch.full((self.chunk, padded), math.inf, device=g.device)
         for a in range(0, g.shape[0], self.chunk):
             gc = g[a : a + self.chunk]
@@ -226,7 +227,7 @@ class _RadiusSearch:
             rows = slice(r0 + a, r0 + a + n)
             nu = self.pts.norms[rows]
             torch.sub(nv, gc, alpha=2, out=buf[:n, :width])  # distance - nu
-            groups = buf[:n].view(n, -1, GROUP).amin(2)
+            groups = buf[:n].view(n, -1, group).amin(2)
             bound = self.best[rows].amax(1)  # upper bound of the radius so far
             if first and groups.shape[1] > self.k:
                 # the k+1 smallest group minima are k+1 distinct entries: their largest,
@@ -243,9 +244,9 @@ class _RadiusSearch:
                 _merge_smallest(self.best[rows], torch.arange(n, device=g.device).repeat_interleave(kk),
                                 vals.reshape(-1))
                 continue
-            sel = buf[:n].view(n, -1, GROUP)[gr, gg] <= thr[gr, None]
+            sel = buf[:n].view(n, -1, group)[gr, gg] <= thr[gr, None]
             si, off = sel.nonzero(as_tuple=True)
-            ri, cj = gr[si], gg[si] * GROUP + off
+            ri, cj = gr[si], gg[si] * group + off
             d = self.arith.distance(nu[ri], nv[cj], gc[ri, cj])
             _merge_smallest(self.best[rows], ri, d)
 

@@ -193,11 +193,9 @@ class NpzImages:
                     raise EvalError(self._missing_key_message(names))
                 self.info = zf.getinfo(self.member)
                 self._check_member(size)
-                with zf.open(self.member) as m:
-                    version, header, shape, fortran, dtype = _parse_npy_header(m)
                 self.fingerprint_items = sorted(
                     (i.filename, i.CRC, i.file_size, i.compress_type) for i in zf.infolist())
-                if self.info.compress_type == zipfile.ZIP_STORED:
+                if self.info.compress_type == zipfile.ZIP_STORED:  # header read in place
                     f.seek(self.info.header_offset)
                     local = _LOCAL_HEADER.unpack(_read_exact(f, _LOCAL_HEADER.size))
                     if local[0] != b"PK\x03\x04":
@@ -206,6 +204,11 @@ class NpzImages:
                     if self.data_offset + self.info.compress_size > size:
                         raise EvalError(f"{self.path}: truncated file ({size} bytes, {self.member} "
                                         f"needs {self.data_offset + self.info.compress_size}); {RECREATE}")
+                    f.seek(self.data_offset)
+                    version, header, shape, fortran, dtype = _parse_npy_header(f)
+                else:
+                    with zf.open(self.member) as m:
+                        version, header, shape, fortran, dtype = _parse_npy_header(m)
         except EvalError:
             raise
         except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, SyntaxError, OSError,
