@@ -27,6 +27,7 @@ features take the reference path, which has the original's per-block float32 fal
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from itertools import combinations
 
 import numpy as np
@@ -162,6 +163,22 @@ def precision_recall_from_radii_reference(ref, ref_radii, sample, sample_radii, 
 # ----------------------------------------------------------------- fast path
 
 
+@contextmanager
+def _elementwise(device):
+    """The per-chunk passes run on one CPU thread: they are small and cache-resident, and
+    OpenMP's fork/join per operation costs more than it saves (10x more on a busy machine);
+    the GEMMs between them keep every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _spans(n: int, block: int, tile: int):
     """GEMM tiles: each of the reference path's blocks split into near-equal tiles of at most
     ``tile`` rows, so every tile either is a block or a large part of one (same float32 GEMM
@@ -285,16 +302,22 @@ class _RadiusSearch:
 
 def _fast_radii(pts: _PointSet, k: int, arith: Arithmetic, spans, chunk: int, bar):
     search = _RadiusSearch(pts, k, arith, chunk)
+    dev = pts.x.device
     for a, b in spans:  # diagonal tiles first: every row gets a finite bound from its own tile
-        search.rows(a, a, pts.x[a:b] @ pts.x[a:b].t(), first=True)
+        g = pts.x[a:b] @ pts.x[a:b].t()
+        with _elementwise(dev):
+            search.rows(a, a, g, first=True)
         bar.update(1)
     for (a, b), (c, d) in combinations(spans, 2):
         g = pts.x[a:b] @ pts.x[c:d].t()
-        search.rows(a, c, g, first=False)
-        if min(b - a, d - c) >= MIN_SHARED_TILE:
-            search.columns(c, a, g)  # u.v of large tiles is bitwise symmetric
-        else:
-            search.rows(c, a, pts.x[c:d] @ pts.x[a:b].t(), first=False)
+        shared = min(b - a, d - c) >= MIN_SHARED_TILE  # u.v of large tiles is bitwise symmetric
+        g_back = None if shared else pts.x[c:d] @ pts.x[a:b].t()
+        with _elementwise(dev):
+            search.rows(a, c, g, first=False)
+            if shared:
+                search.columns(c, a, g)
+            else:
+                search.rows(c, a, g_back, first=False)
         bar.update(1)
     return search.radii()
 
@@ -329,7 +352,14 @@ class _CrossSide:
         thr = self.thr if self.balls_on_rows else self.thr[rows]
         radius = self.radius[rows] if self.balls_on_rows else self.radius
         e = torch.sub(gc, shift, out=buf[: gc.shape[0]])
-        ri, cj = (e >= thr).nonzero(as_tuple=True)
+        if self.balls_on_rows:  # columns whose best margin reaches their threshold, then pairs
+            cols = (e.amax(0) >= thr[0]).nonzero(as_tuple=True)[0]
+            ri, ci = (e[:, cols] >= thr[:, cols]).nonzero(as_tuple=True)
+            cj = cols[ci]
+        else:
+            hit_rows = (e.amax(1) >= thr[:, 0]).nonzero(as_tuple=True)[0]
+            rj, cj = (e[hit_rows] >= thr[hit_rows]).nonzero(as_tuple=True)
+            ri = hit_rows[rj]
         nu_c = nu[rows]
         if len(ri) > DENSE_FRACTION * gc.numel():
             hit = arith.distance(nu_c[:, None], nv[None, :], gc) <= radius
@@ -360,10 +390,11 @@ def _fast_cross(ref: _PointSet, ref_radii, smp: _PointSet, smp_radii, arith: Ari
                 continue  # every row and column of this tile is decided already
             g = ref.x[a:b] @ smp.x[c:d].t()
             buf = torch.empty((chunk, d - c), device=dev)
-            for r in range(0, b - a, chunk):
-                rows = slice(r, min(r + chunk, b - a))
-                for side in sides:
-                    side.decide(arith, g[rows], rows, nu, nv, buf)
+            with _elementwise(dev):
+                for r in range(0, b - a, chunk):
+                    rows = slice(r, min(r + chunk, b - a))
+                    for side in sides:
+                        side.decide(arith, g[rows], rows, nu, nv, buf)
     return float(precision.inside.double().mean()), float(recall.inside.double().mean())
 
 
