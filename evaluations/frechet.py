@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import linalg
 from .errors import EvalError
 from .tensors import as_tensor
 
@@ -64,7 +65,7 @@ class CovarianceFactor:
         s = torch.atleast_2d(as_tensor(sigma, device, torch.float64))
         if not bool(torch.isfinite(s).all()):  # kept, so that a distance against it is nan
             return cls(torch.full_like(s[0], math.nan), torch.full_like(s, math.nan), math.nan)
-        w, v = torch.linalg.eigh(_symmetric(s))
+        w, v = linalg.eigh(_symmetric(s))
         return cls(w.clamp_min(0), v, float(torch.trace(s)))
 
     @classmethod
@@ -77,7 +78,7 @@ class CovarianceFactor:
         if n > d or not bool(torch.isfinite(a).all()):
             return None
         x = (a - a.mean(0, keepdim=True)) / math.sqrt(n - 1)
-        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        s, vh = linalg.svd_thin(x)
         return cls(s * s, vh.t(), float(np.trace(np.atleast_2d(sigma))))
 
     @classmethod
@@ -105,7 +106,7 @@ class CovarianceFactor:
 
 def _fast_trace(sigma1: torch.Tensor, b2: torch.Tensor):
     """sum sqrt(eig(B2^T S1 B2)) and an estimate of its rounding error (module docstring)."""
-    mu = torch.linalg.eigvalsh(_symmetric(b2.t() @ (sigma1 @ b2)))
+    mu = linalg.eigvalsh(_symmetric(linalg.matmul(b2.t(), linalg.matmul(sigma1, b2))))
     delta = FAST_ROUTE_ERROR_FACTOR * _EPS * float(mu.abs().max())
     pos = mu.clamp_min(0)
     bound = float(((pos + delta).sqrt() - (mu - delta).clamp_min(0).sqrt()).sum())
@@ -113,7 +114,7 @@ def _fast_trace(sigma1: torch.Tensor, b2: torch.Tensor):
 
 
 def _exact_trace(b1: torch.Tensor, b2: torch.Tensor) -> float:
-    return float(torch.linalg.svdvals(b1.t() @ b2).sum())
+    return float(linalg.svdvals(linalg.matmul(b1.t(), b2)).sum())
 
 
 def trace_sqrt_product(sigma1, sigma2=None, factor2: CovarianceFactor | None = None,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import linalg
 from .tensors import as_tensor
 
 ROW_BATCH = 10000  # the original ManifoldEstimator's row/col block size
@@ -114,17 +115,22 @@ def _arith(fp16: bool) -> Arithmetic:
 # ------------------------------------------------------------ reference path
 
 
+def _gemm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """u @ v.T in float32; the one product both paths use, so they see the same numbers."""
+    return linalg.matmul(u, v.t())
+
+
 def _dist_block(u: torch.Tensor, v: torch.Tensor, fp16: bool = True) -> torch.Tensor:
     """Squared distances exactly as the original DistanceBlock (see module docstring):
     float16 emulation, recomputed in float32 from the unrounded inputs when any entry is
     non-finite."""
     if fp16:
         (u16, nu), (v16, nv) = FP16.points(u), FP16.points(v)
-        d = FP16.distance(nu[:, None], nv[None, :], u16 @ v16.t())
+        d = FP16.distance(nu[:, None], nv[None, :], _gemm(u16, v16))
         if bool(torch.isfinite(d).all()):
             return d
     (u32, nu), (v32, nv) = FP32.points(u), FP32.points(v)
-    return FP32.distance(nu[:, None], nv[None, :], u32 @ v32.t())
+    return FP32.distance(nu[:, None], nv[None, :], _gemm(u32, v32))
 
 
 def manifold_radii_reference(feats, k: int = 3, fp16: bool = True, device=None,
@@ -304,14 +310,14 @@ def _fast_radii(pts: _PointSet, k: int, arith: Arithmetic, spans, chunk: int, ba
     search = _RadiusSearch(pts, k, arith, chunk)
     dev = pts.x.device
     for a, b in spans:  # diagonal tiles first: every row gets a finite bound from its own tile
-        g = pts.x[a:b] @ pts.x[a:b].t()
+        g = _gemm(pts.x[a:b], pts.x[a:b])
         with _elementwise(dev):
             search.rows(a, a, g, first=True)
         bar.update(1)
     for (a, b), (c, d) in combinations(spans, 2):
-        g = pts.x[a:b] @ pts.x[c:d].t()
+        g = _gemm(pts.x[a:b], pts.x[c:d])
         shared = min(b - a, d - c) >= MIN_SHARED_TILE  # u.v of large tiles is bitwise symmetric
-        g_back = None if shared else pts.x[c:d] @ pts.x[a:b].t()
+        g_back = None if shared else _gemm(pts.x[c:d], pts.x[a:b])
         with _elementwise(dev):
             search.rows(a, c, g, first=False)
             if shared:
@@ -388,7 +394,7 @@ def _fast_cross(ref: _PointSet, ref_radii, smp: _PointSet, smp_radii, arith: Ari
                      if side.thresholds(arith, ref.dim, nu, nv, rr, sr, start)]
             if not sides:
                 continue  # every row and column of this tile is decided already
-            g = ref.x[a:b] @ smp.x[c:d].t()
+            g = _gemm(ref.x[a:b], smp.x[c:d])
             buf = torch.empty((chunk, d - c), device=dev)
             with _elementwise(dev):
                 for r in range(0, b - a, chunk):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import linalg
 from .tensors import as_tensor
 from .frechet import CovarianceFactor, frechet_distance, trace_sqrt_product  # noqa: F401
 from .manifold import (  # noqa: F401
@@ -30,7 +31,7 @@ def compute_statistics(acts, device=None):
     mu = a.mean(0)
     x = a.double()
     x = x - x.mean(0, keepdim=True)
-    sigma = (x.t() @ x) / (x.shape[0] - 1)
+    sigma = linalg.matmul(x.t(), x) / (x.shape[0] - 1)
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
 

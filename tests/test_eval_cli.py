@@ -49,7 +49,12 @@ def test_cli_two_samples_table_json_and_cache(files):
     assert rep["preprocess"] == "tf" and len(rep["results"]) == 2
     assert rep["results"][0]["fid"] == blocks[0]["FID:"]
     assert rep["results"][1]["recall"] == blocks[1]["Recall:"]
-    assert len(list((d / "cache").glob("ref-*.npz"))) == 1
+    entries = list((d / "cache").glob("ref-*.npz"))
+    assert len(entries) == 1
+    with np.load(entries[0]) as z:  # what every later evaluation against this reference needs
+        assert {"pool", "mu", "sigma_s", "pool_eigenvectors", "spatial_eigenvalues",
+                "radii_fp16"} <= set(z.files)
+        assert z["pool_eigenvectors"].shape == (2048, 4)  # thin factor of 4 reference images
     # second run hits the cache and gives identical numbers; CSV report
     res2 = run_cli(["ref.npz", "s1.npz", "--inception_path", "w.pth", "--cache_dir", "cache",
                     "--report", "out.csv", "--no_progress"], cwd=d)
