@@ -1,5 +1,10 @@
-"""On-disk cache of reference features/statistics, keyed by the ref file's content hash,
-the extractor's cache key (name + preprocessing + weights hash). Files: <dir>/ref-<key>.npz."""
+"""On-disk cache of reference batches, one ``ref-<key>.npz`` per (reference file, extractor).
+
+The key hashes the reference file's content fingerprint - every zip member's name, CRC-32, size
+and compression as recorded in the zip directory, so looking it up costs no pass over the
+images - together with the extractor's cache key (name, preprocessing, weights hash) and the
+cache format. What is stored: see ``reference.Reference``.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,26 +13,38 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import file_sha256
-
+FORMAT = "v2"  # v2: + eigendecompositions and k-NN radii; v1 entries are simply not found
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sag-adm"
 
 
-def cache_path(cache_dir, ref_path, extractor_key: str) -> Path:
-    key = hashlib.sha256(f"{file_sha256(ref_path)}|{extractor_key}|v1".encode()).hexdigest()[:32]
+def cache_path(cache_dir, ref, extractor_key: str) -> Path:
+    """``ref``: an ``NpzImages`` of the reference batch."""
+    key = hashlib.sha256(f"{ref.fingerprint()}|{extractor_key}|{FORMAT}".encode()).hexdigest()[:32]
     return Path(cache_dir).expanduser() / f"ref-{key}.npz"
 
 
 def load(path: Path):
+    """The stored arrays, or None when the entry is absent or unreadable (then recomputed)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception:
-        return None  # absent or unreadable: recompute
+        return None
 
 
 def save(path: Path, arrays: dict):
+    _write_atomic(Path(path), lambda f: np.savez(f, **arrays))
+
+
+def _write_atomic(path: Path, write):
+    """The one place the cache writes a file: ``write(fileobj)`` into a temporary file beside
+    ``path``, renamed over it only when complete (a crash never leaves a partial entry)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -44,6 +44,10 @@ class Comm:
         parts = [p for p in parts if p]
         return {k: np.concatenate([p[k] for p in parts], 0) for k in parts[0]}
 
+    def gather(self, obj):
+        """Rank 0 gets the list of every rank's obj (rank order); other ranks get None."""
+        return self._c.gather(obj, root=0)
+
     def bcast(self, obj):
         return self._c.bcast(obj, root=0)
 

@@ -24,8 +24,10 @@ from evaluations.dist import Comm
 from evaluations.errors import EvalError
 from evaluations.classifier_features import label_accuracy
 from evaluations.features import available_extractors, build_extractor
+from evaluations.frechet import CovarianceFactor
 from evaluations.inception import PREPROCESSINGS, WEIGHTS_ENV
 from evaluations.npz_io import NpzImages, read_stored_statistics
+from evaluations.reference import Reference
 from evaluations.report import format_table, write_report
 from guided_diffusion.dist_util import mpi_unavailable_message
 
@@ -67,54 +69,116 @@ def _device(arg, comm):
     return "cpu"
 
 
+MIN_IMAGES = 4  # precision/recall use each point's 3rd nearest neighbour besides itself
+
+
 def extract(images: NpzImages, extractor, comm, batch_size, desc, keys, progress=True):
-    """Features of this rank's contiguous slice; rank 0 returns all of them, in order."""
+    """Features of this rank's contiguous slice, read in one pass; rank 0 returns all of them,
+    in order, after checking the file's checksum over the slices of all ranks."""
     start, stop = comm.shard(len(images))
     out = {k: [] for k in keys}
     bar = tqdm(total=stop - start, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
                disable=comm.rank != 0 or not progress)
+    images.slice_checksum = None
     for batch in images.batches(batch_size, start, stop):
         feats = extractor(batch)
         for k in keys:
             out[k].append(feats[k].float().cpu().numpy())
         bar.update(len(batch))
     bar.close()
+    pieces = comm.gather(images.slice_checksum)
+    if comm.rank == 0:
+        images.verify_slices(pieces)
     local = {k: np.concatenate(v, 0) for k, v in out.items()} if stop > start else {}
     return comm.gather_concat(local)
 
 
-def statistics(path, feats, device):
-    """The original's read_statistics: stored mu/sigma/mu_s/sigma_s win over activations."""
-    stored = read_stored_statistics(path)
-    if stored is not None:
+def statistics(path, feats, device, stored=None):
+    """The original's read_statistics: stored mu/sigma/mu_s/sigma_s win over activations.
+    ``stored``: what ``read_stored_statistics(path)`` returned, when already read."""
+    stored = read_stored_statistics(path) if stored is None else stored
+    if stored:
         return stored
     return (metrics.compute_statistics(feats["pool"], device),
             metrics.compute_statistics(feats["spatial"], device))
 
 
-def reference(args, ref: NpzImages, extractor, comm, device, say):
-    """Ref pool features + stats, from the cache when possible (rank 0 only gets them)."""
+def open_inputs(args):
+    """Every input file opened and checked before any work: (ref, samples, stored stats)."""
+    ref = NpzImages(args.ref_batch)
+    samples = [NpzImages(s) for s in args.sample_batch]
+    for f in [ref] + samples:
+        if len(f) < MIN_IMAGES:
+            raise EvalError(f"{f.path}: {len(f)} images; precision/recall need at least "
+                            f"{MIN_IMAGES} (each image's 3rd nearest neighbour)")
+    for s in samples:
+        if s.shape[1:3] != ref.shape[1:3]:
+            raise EvalError(f"image size mismatch: {s.path} has {s.shape[1]}x{s.shape[2]}, "
+                            f"reference {ref.path} has {ref.shape[1]}x{ref.shape[2]}")
+    stored = {f.path: read_stored_statistics(f.path) or False for f in [ref] + samples}
+    return ref, samples, stored
+
+
+def reference(args, ref: NpzImages, stored, extractor, comm, device, say):
+    """The reference batch (rank 0; None elsewhere), from the cache when possible, and the
+    cache path to write it to at the end of a successful run (None: nothing to write)."""
     say("computing reference batch activations...")
-    path, hit = None, None
+    path, entry = None, None
     if comm.rank == 0 and not args.no_cache:
-        path = cache.cache_path(args.cache_dir, ref.path, extractor.cache_key())
-        hit = cache.load(path)
-    if comm.bcast(hit is not None):
-        feats = hit  # None on ranks > 0
-    else:
-        feats = extract(ref, extractor, comm, args.batch_size, "reference", ("pool", "spatial"),
-                        not args.no_progress)
+        path = cache.cache_path(args.cache_dir, ref, extractor.cache_key())
+        arrays = cache.load(path)
+        entry = Reference.from_arrays(arrays, device) if arrays is not None else None
+    if comm.bcast(entry is not None):
+        say("computing/reading reference batch statistics...")
+        return entry, None
+    feats = extract(ref, extractor, comm, args.batch_size, "reference", ("pool", "spatial"),
+                    not args.no_progress)
     say("computing/reading reference batch statistics...")
     if comm.rank != 0:
+        return None, None
+    stats = statistics(ref.path, feats, device, stored[ref.path])
+    return Reference.build(feats, stats, bool(stored[ref.path]), device), path
+
+
+def evaluate_sample(args, s, stored, ref_entry: Reference, extractor, comm, device, say):
+    """The original's five numbers for one sample file (rank 0; None elsewhere)."""
+    say("computing sample batch activations...")
+    feats = extract(s, extractor, comm, args.batch_size, "sample", ("pool", "spatial", "logits"),
+                    not args.no_progress)
+    say("computing/reading sample batch statistics...")
+    if comm.rank != 0:
         return None
-    if hit:
-        stats = (hit["mu"], hit["sigma"]), (hit["mu_s"], hit["sigma_s"])
-    else:
-        stats = statistics(ref.path, feats, device)
-        if path is not None:
-            (mu, sigma), (mu_s, sigma_s) = stats
-            cache.save(path, dict(pool=feats["pool"], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s))
-    return feats["pool"], stats
+    (mu, sigma), (mu_s, sigma_s) = statistics(s.path, feats, device, stored[s.path])
+    (rmu, rsigma), (rmu_s, rsigma_s) = ref_entry.stats
+    say("Computing evaluations...")
+    fp16, progress = not args.pr_fp32, not args.no_progress
+    ref_radii = ref_entry.manifold_radii(fp16, device, progress)
+    sample_radii = metrics.manifold_radii(feats["pool"], fp16=fp16, device=device, progress=progress)
+    prec, rec = metrics.precision_recall_from_radii(ref_entry.pool, ref_radii, feats["pool"],
+                                                    sample_radii, fp16=fp16, device=device,
+                                                    progress=progress)
+    pool_factor, spatial_factor = ref_entry.factors
+    own = [None if stored[s.path] else CovarianceFactor.thin(feats[k], sg, device)
+           for k, sg in (("pool", sigma), ("spatial", sigma_s))]  # N <= D: exact and cheap
+    row = {
+        "sample": str(s.path),
+        "num_samples": len(s),
+        "inception_score": metrics.inception_score(feats["logits"], device=device),
+        "fid": metrics.frechet_distance(mu, sigma, rmu, rsigma, ref_factor=pool_factor,
+                                        sample_factor=own[0]),
+        "sfid": metrics.frechet_distance(mu_s, sigma_s, rmu_s, rsigma_s, ref_factor=spatial_factor,
+                                         sample_factor=own[1]),
+        "precision": prec,
+        "recall": rec,
+    }
+    for key, label in (("inception_score", "Inception Score:"), ("fid", "FID:"),
+                       ("sfid", "sFID:"), ("precision", "Precision:"), ("recall", "Recall:")):
+        print(label, row[key], flush=True)
+    labels = s.labels()
+    if args.features == "classifier" and labels is not None:
+        row["accuracy"] = label_accuracy(feats["logits"], labels)
+        print("Classifier accuracy:", row["accuracy"], flush=True)
+    return row
 
 
 def evaluate(args, comm):
@@ -123,55 +187,20 @@ def evaluate(args, comm):
         raise EvalError("--batch_size must be >= 1")
     if args.report and Path(args.report).suffix not in (".json", ".csv"):
         raise EvalError(f"--report must end in .json or .csv, got {args.report}")
-    ref = NpzImages(args.ref_batch)
-    samples = [NpzImages(s) for s in args.sample_batch]
-    for s in samples:
-        if s.shape[1:3] != ref.shape[1:3]:
-            raise EvalError(f"image size mismatch: {s.path} has {s.shape[1]}x{s.shape[2]}, "
-                            f"reference {ref.path} has {ref.shape[1]}x{ref.shape[2]}")
+    ref, samples, stored = open_inputs(args)
     device = args.device = _device(args.device, comm)
     extractor = build_extractor(args.features, args)
     if args.features != "inception":
         say(f"note: {args.features} features - these numbers are not comparable to Inception FID")
-    fp16 = not args.pr_fp32
 
-    ref_out = reference(args, ref, extractor, comm, device, say)
-    ref_radii = None
+    ref_entry, cache_file = reference(args, ref, stored, extractor, comm, device, say)
     rows = []
     for s in samples:
         if len(samples) > 1:
             say(f"sample batch: {s.path}")
-        say("computing sample batch activations...")
-        feats = extract(s, extractor, comm, args.batch_size, "sample", ("pool", "spatial", "logits"),
-                        not args.no_progress)
-        say("computing/reading sample batch statistics...")
-        if comm.rank != 0:
-            continue
-        (mu, sigma), (mu_s, sigma_s) = statistics(s.path, feats, device)
-        ref_pool, ((rmu, rsigma), (rmu_s, rsigma_s)) = ref_out
-        say("Computing evaluations...")
-        if ref_radii is None:
-            ref_radii = metrics.manifold_radii(ref_pool, fp16=fp16, device=device)
-        sample_radii = metrics.manifold_radii(feats["pool"], fp16=fp16, device=device)
-        prec, rec = metrics.precision_recall_from_radii(ref_pool, ref_radii, feats["pool"],
-                                                        sample_radii, fp16=fp16, device=device)
-        row = {
-            "sample": str(s.path),
-            "num_samples": len(s),
-            "inception_score": metrics.inception_score(feats["logits"], device=device),
-            "fid": metrics.frechet_distance(mu, sigma, rmu, rsigma, device=device),
-            "sfid": metrics.frechet_distance(mu_s, sigma_s, rmu_s, rsigma_s, device=device),
-            "precision": prec,
-            "recall": rec,
-        }
-        for key, label in (("inception_score", "Inception Score:"), ("fid", "FID:"),
-                           ("sfid", "sFID:"), ("precision", "Precision:"), ("recall", "Recall:")):
-            print(label, row[key], flush=True)
-        labels = s.labels()
-        if args.features == "classifier" and labels is not None:
-            row["accuracy"] = label_accuracy(feats["logits"], labels)
-            print("Classifier accuracy:", row["accuracy"], flush=True)
-        rows.append(row)
+        row = evaluate_sample(args, s, stored, ref_entry, extractor, comm, device, say)
+        if row is not None:
+            rows.append(row)
     if comm.rank == 0:
         print()
         print(format_table(rows), flush=True)
@@ -180,6 +209,8 @@ def evaluate(args, comm):
                     "pr_distance": "fp32" if args.pr_fp32 else "fp16"}
             write_report(args.report, rows, meta)
             print(f"report written to {args.report}", file=sys.stderr)
+        if cache_file is not None:  # only once every input has been read without error
+            cache.save(cache_file, ref_entry.to_arrays())
     return rows
 
 

@@ -286,3 +286,21 @@ def build_inception(state_dict: dict, device="cpu") -> FIDInceptionV3:
             sd[k] = v
     net.load_state_dict(sd, strict=True)
     return net.eval().to(device)
+
+
+def random_state_dict(seed: int = 0) -> dict:
+    """Random FID Inception weights whose BatchNorm running statistics are those of a few
+    random images, so the features are not degenerate. For tests and timing only: these are
+    not the Inception weights, and numbers made with them mean nothing."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: running stats = this batch's stats
+    images = np.random.RandomState(seed).randint(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    net.train()
+    with torch.no_grad():
+        net(preprocess(images, "tf"))
+    return {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}

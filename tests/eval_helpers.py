@@ -36,25 +36,13 @@ def recipe_rows(recipe) -> np.ndarray:
     ])
 
 
-def make_random_inception(path: Path, seed: int = 0, with_nbt: bool = False):
+def make_random_inception(path: Path, seed: int = 0):
     """Random FID Inception whose BN running stats are calibrated on random images, so its
     features are not degenerate; saved as a pytorch-fid style .pth state dict."""
     import torch
-    from evaluations.inception import FIDInceptionV3, preprocess
+    from evaluations.inception import random_state_dict
 
-    torch.manual_seed(seed)
-    net = FIDInceptionV3()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: running stats = this batch's stats
-    imgs = np.random.RandomState(seed).randint(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    net.train()
-    with torch.no_grad():
-        net(preprocess(imgs, "tf"))
-    sd = net.state_dict()
-    if not with_nbt:
-        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    torch.save(sd, path)
+    torch.save(random_state_dict(seed), path)
     return path
 
 

@@ -49,7 +49,12 @@ def test_cli_two_samples_table_json_and_cache(files):
     assert rep["preprocess"] == "tf" and len(rep["results"]) == 2
     assert rep["results"][0]["fid"] == blocks[0]["FID:"]
     assert rep["results"][1]["recall"] == blocks[1]["Recall:"]
-    assert len(list((d / "cache").glob("ref-*.npz"))) == 1
+    entries = list((d / "cache").glob("ref-*.npz"))
+    assert len(entries) == 1
+    with np.load(entries[0]) as z:  # what every later evaluation against this reference needs
+        assert {"pool", "mu", "sigma_s", "pool_eigenvectors", "spatial_eigenvalues",
+                "radii_fp16"} <= set(z.files)
+        assert z["pool_eigenvectors"].shape == (2048, 4)  # thin factor of 4 reference images
     # second run hits the cache and gives identical numbers; CSV report
     res2 = run_cli(["ref.npz", "s1.npz", "--inception_path", "w.pth", "--cache_dir", "cache",
                     "--report", "out.csv", "--no_progress"], cwd=d)
@@ -101,3 +106,61 @@ def test_missing_weights_subprocess_no_traceback(files, tmp_path):
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().count("\n") == 0 and "download" in res.stderr
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+def _flip(path: Path, offset: int):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_bad_inputs_one_line_and_the_cache_untouched(files, tmp_path, capsys):
+    """Every bad input: one 'error:' line, exit 2, and the cache folder exactly as before -
+    also when the damage shows only at the end of a pass, after the reference was computed
+    (the cache entry is written only when the whole run succeeded)."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "ref-0123456789abcdef0123456789abcdef.npz").write_bytes(b"an older entry")
+    before = _snapshot(cache_dir)
+    rng = np.random.RandomState(1)
+    imgs = rng.randint(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for save, tag in ((np.savez, "stored"), (np.savez_compressed, "compressed")):
+        save(bad / f"{tag}.npz", imgs)
+        data = (bad / f"{tag}.npz").read_bytes()
+        (bad / f"truncated_{tag}.npz").write_bytes(data[: len(data) * 2 // 3])
+        (bad / f"corrupt_{tag}.npz").write_bytes(data)
+        _flip(bad / f"corrupt_{tag}.npz", len(data) // 2)  # inside the image data
+    np.savez(bad / "float.npz", imgs.astype(np.float32))
+    np.savez(bad / "rank3.npz", imgs[..., 0])
+    np.savez(bad / "no_images.npz", np.zeros((0, 32, 32, 3), np.uint8))
+    (bad / "zero_bytes.npz").write_bytes(b"")
+    np.savez(bad / "stats_only.npz", mu=np.zeros(2048, np.float32), sigma=np.eye(2048),
+             mu_s=np.zeros(2023, np.float32), sigma_s=np.eye(2023))
+    ref, sample = files / "ref.npz", files / "s1.npz"
+    cases = {  # (reference, sample): expected words in the error line
+        (ref, "truncated_stored.npz"): "truncated or corrupt",
+        (ref, "truncated_compressed.npz"): "truncated or corrupt",
+        (ref, "corrupt_stored.npz"): "corrupt",
+        (ref, "corrupt_compressed.npz"): "corrupt",
+        (ref, "float.npz"): "must be uint8",
+        (ref, "rank3.npz"): "NHWC",
+        (ref, "no_images.npz"): "holds no images",
+        (ref, "zero_bytes.npz"): "empty file",
+        ("stats_only.npz", sample): "statistics (mu, sigma, mu_s, sigma_s) but no images",
+        ("corrupt_stored.npz", sample): "corrupt",
+    }
+    for (r, s_), words in cases.items():
+        args = [bad / r if isinstance(r, str) else r, bad / s_ if isinstance(s_, str) else s_,
+                "--inception_path", files / "w.pth", "--cache_dir", cache_dir, "--no_progress"]
+        code = evaluator.main([str(a) for a in args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, (r, s_)
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (r, s_, err)
+        assert _snapshot(cache_dir) == before, (r, s_)
+

@@ -25,15 +25,36 @@ from evaluations.dist import Comm, _SingleComm
 from evaluations.evaluator import extract
 from evaluations.features import InceptionExtractor
 from evaluations.npz_io import NpzImages
+from evaluations import npz_io
 comm = Comm()
 ex = InceptionExtractor({weights!r}, "tf", "cpu")
 keys = ("pool", "spatial", "logits")
-out = extract(NpzImages({images!r}), ex, comm, 3, "x", keys, False)
+images = NpzImages({images!r})
+reads, plain_open = [], npz_io._open_binary
+
+class Logged:  # logs (offset, length) of every read of this rank's pass
+    def __init__(self, path):
+        self.f = plain_open(path)
+    def readinto(self, b):
+        pos = self.f.tell()
+        n = self.f.readinto(b)
+        reads.append((pos, n))
+        return n
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+npz_io._open_binary = Logged
+out = extract(images, ex, comm, 3, "x", keys, False)
+npz_io._open_binary = plain_open
+all_reads = comm.gather(reads)
 if comm.rank == 0:
     single = Comm.__new__(Comm)
     single._c, single.rank, single.size = _SingleComm(), 0, 1
     one = extract(NpzImages({images!r}), ex, single, 3, "x", keys, False)
-    np.savez({out!r}, size=comm.size, **out, **{{"one_" + k: v for k, v in one.items()}})
+    region = (images.data_offset + images.header_len, images.data_offset + images.info.file_size)
+    np.savez({out!r}, size=comm.size, region=region, rank_reads=np.array(
+        [(r, o, n) for r, log in enumerate(all_reads) for o, n in log], dtype=np.int64).reshape(-1, 3),
+        **out, **{{"one_" + k: v for k, v in one.items()}})
 from evaluations import evaluator
 sys.exit(evaluator.main({cli!r}))
 """
@@ -59,6 +80,14 @@ def test_mpi_two_ranks_equal_one(tmp_path):
     assert res.returncode == 0, res.stderr
     got = np.load(tmp_path / "f.npz")
     assert int(got["size"]) == 2
+    # the two ranks' slices: every byte of the images read exactly once in total, by one pass each
+    start, stop = got["region"]
+    seen = np.zeros(stop - start, np.int64)
+    for rank, off, n in got["rank_reads"]:
+        a, b = max(off, start), min(off + n, stop)
+        seen[max(a - start, 0) : max(b - start, 0)] += 1
+    assert (seen == 1).all()
+    assert set(got["rank_reads"][:, 0]) == {0, 1}
     for k in ("pool", "spatial", "logits"):
         assert got[k].shape == got["one_" + k].shape and len(got[k]) == 8
         np.testing.assert_allclose(got[k], got["one_" + k], rtol=1e-5, atol=1e-5)
