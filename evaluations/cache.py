@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from guided_diffusion import durable
+
 FORMAT = "v2"  # v2: + eigendecompositions and k-NN radii; v1 entries are simply not found
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sag-adm"
 
@@ -33,18 +35,7 @@ def load(path: Path):
 
 
 def save(path: Path, arrays: dict):
-    _write_atomic(Path(path), lambda f: np.savez(f, **arrays))
-
-
-def _write_atomic(path: Path, write):
-    """The one place the cache writes a file: ``write(fileobj)`` into a temporary file beside
-    ``path``, renamed over it only when complete (a crash never leaves a partial entry)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write one entry durably (temp file, fsync, rename, fsync directory): a crash never leaves a
+    partial entry under its name."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    durable.save_npz(str(path), **arrays)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from guided_diffusion.dist_util import launcher_variable
+from guided_diffusion.dist_util import launcher, launcher_variable
+
+from .errors import EvalError
 
 
 class _SingleComm:
@@ -27,6 +29,10 @@ class Comm:
 
             self._c = MPI.COMM_WORLD
             self.rank, self.size = self._c.Get_rank(), self._c.Get_size()
+        elif launcher() in ("torchrun", "srun"):
+            # Without MPI every task would evaluate everything and write the same report.
+            raise EvalError(f"the evaluator shards over MPI only, but {launcher()} started it: run it "
+                            "under mpiexec (or srun --mpi=pmix), or as one process")
         else:
             self._c = _SingleComm()
             self.rank, self.size = 0, 1

@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     except (ImportError, RuntimeError) as e:
         print(f"error: {mpi_unavailable_message(e)}", file=sys.stderr)
         return 2
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         evaluate(args, comm)
     except EvalError as e:

@@ -164,3 +164,13 @@ def test_bad_inputs_one_line_and_the_cache_untouched(files, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (r, s_, err)
         assert _snapshot(cache_dir) == before, (r, s_)
 
+
+
+def test_torchrun_without_mpi_is_refused_in_one_line(files, capsys, monkeypatch):
+    """Under torchrun (no MPI) every task would evaluate everything: refused, nothing computed."""
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    for var in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    err = _main_err(capsys, [files / "ref.npz", files / "s1.npz"])
+    assert "torchrun" in err and "mpiexec" in err
