@@ -13,8 +13,8 @@ SAG is one small mechanism, separate from the model and from the samplers:
    ``GaussianDiffusion.p_mean_variance(guidance=...)``, so DDPM and DDIM share it; what it
    shares with PAG / SEG (the eps combination, which eps, the window) is in ``guidance.py``.
 
-Default behaviour reproduces the original SAG code bit-for-bit in float32 (see
-``shared/spec/SAG.md``), including its quirks: the map is read with the ``--num_heads`` flag in
+Default behaviour reproduces the original SAG code bit-for-bit in float32 (checked
+against vectors made by the original code, ``tests/reference/golden/sag``), including its quirks: the map is read with the ``--num_heads`` flag in
 the legacy qkv layout (``sag_heads="reference"``), and every guided step consumes one draw of the
 CPU random generator (torchvision's GaussianBlur drew its sigma), so seeded CPU runs give the
 original's trajectories.

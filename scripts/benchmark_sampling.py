@@ -64,7 +64,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     str2bool,
 )
 
-# Model flags of the published command lines (shared/spec/CLI.md); SAG block as in the README.
+# Model flags of the published command lines (README, "Sampling with OpenAI's checkpoints"); SAG block as in the README.
 COMMON = dict(attention_resolutions="32,16,8", diffusion_steps=1000, learn_sigma=True,
               noise_schedule="linear", num_channels=256, num_res_blocks=2, resblock_updown=True,
               use_scale_shift_norm=True)
