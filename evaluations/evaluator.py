@@ -152,11 +152,9 @@ def evaluate_sample(args, s, stored, ref_entry: Reference, extractor, comm, devi
     (rmu, rsigma), (rmu_s, rsigma_s) = ref_entry.stats
     say("Computing evaluations...")
     fp16, progress = not args.pr_fp32, not args.no_progress
-    ref_radii = ref_entry.manifold_radii(fp16, device, progress)
-    sample_radii = metrics.manifold_radii(feats["pool"], fp16=fp16, device=device, progress=progress)
-    prec, rec = metrics.precision_recall_from_radii(ref_entry.pool, ref_radii, feats["pool"],
-                                                    sample_radii, fp16=fp16, device=device,
-                                                    progress=progress)
+    prec, rec = metrics.precision_recall(ref_entry.pool, feats["pool"], fp16=fp16, device=device,
+                                         progress=progress,
+                                         ref_radii=ref_entry.manifold_radii(fp16, device, progress))
     pool_factor, spatial_factor = ref_entry.factors
     own = [None if stored[s.path] else CovarianceFactor.thin(feats[k], sg, device)
            for k, sg in (("pool", sigma), ("spatial", sigma_s))]  # N <= D: exact and cheap

@@ -27,7 +27,8 @@ features take the reference path, which has the original's per-block float32 fal
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 
 import numpy as np
@@ -169,20 +170,45 @@ def precision_recall_from_radii_reference(ref, ref_radii, sample, sample_radii, 
 # ----------------------------------------------------------------- fast path
 
 
-@contextmanager
-def _elementwise(device):
-    """The per-chunk passes run on one CPU thread: they are small and cache-resident, and
-    OpenMP's fork/join per operation costs more than it saves (10x more on a busy machine);
-    the GEMMs between them keep every thread."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+class _Workers:
+    """Runs the per-chunk passes of a tile as tasks on ``n`` threads, each torch operation on a
+    single CPU thread (they release the GIL). The passes are small and cache-resident, and
+    OpenMP's fork/join per operation costs more than they do (ten times more on a busy
+    machine). On a GPU the tasks run in order on the calling thread."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = device.type == "cpu"
+        self.n = max(1, torch.get_num_threads()) if self.cpu else 1
+        self.local = threading.local()
+
+    def __enter__(self):
+        self.pool = ThreadPoolExecutor(self.n, thread_name_prefix="pr") if self.n > 1 else None
+        if self.cpu:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.cpu:
+            torch.set_num_threads(self.threads)
+
+    def run(self, tasks):
+        """Call every task (writing disjoint outputs); re-raise the first error."""
+        if self.pool is None:
+            for task in tasks:
+                task()
+            return
+        for future in [self.pool.submit(task) for task in tasks]:
+            future.result()
+
+    def buffer(self, rows: int, cols: int, device) -> torch.Tensor:
+        """This thread's scratch buffer of at least rows x cols floats."""
+        buf = getattr(self.local, "buf", None)
+        if buf is None or buf.numel() < rows * cols or buf.device != device:
+            buf = self.local.buf = torch.empty(rows * cols, device=device)
+        return buf[: rows * cols].view(rows, cols)
 
 
 def _spans(n: int, block: int, tile: int):
@@ -196,6 +222,10 @@ def _spans(n: int, block: int, tile: int):
         cuts = [a + (b - a) * i // parts for i in range(parts + 1)]
         out += list(zip(cuts[:-1], cuts[1:]))
     return out
+
+
+def _chunks(n: int, size: int):
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 def _merge_smallest(best: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor):
@@ -214,21 +244,28 @@ def _merge_smallest(best: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor):
 
 
 class _PointSet:
-    """One feature set prepared for distance tiles."""
+    """One feature set prepared for distance tiles: the inputs as the GEMM sees them, their
+    squared norms as the distance uses them, and the original features (reference path)."""
 
     def __init__(self, feats, arith: Arithmetic, device=None):
-        self.x, self.norms = arith.points(as_tensor(feats, device, torch.float32))
+        self.raw = as_tensor(feats, device, torch.float32)
+        self.arith = arith
+        self.x, self.norms = arith.points(self.raw)
         self.dim = self.x.shape[1]
 
     def __len__(self):
         return self.x.shape[0]
 
+    def fast_ok(self) -> bool:
+        """Finite features (a non-finite one makes its norm non-finite), no possible overflow."""
+        return bool(torch.isfinite(self.norms).all()) and self.arith.safe(float(self.norms.max()), self.dim)
+
 
 class _RadiusSearch:
     """k-th smallest emulated distance per row of one set against itself."""
 
-    def __init__(self, pts: _PointSet, k: int, arith: Arithmetic, chunk: int):
-        self.pts, self.k, self.arith, self.chunk = pts, k, arith, chunk
+    def __init__(self, pts: _PointSet, k: int, chunk: int, workers: _Workers):
+        self.pts, self.k, self.arith, self.chunk, self.workers = pts, k, pts.arith, chunk, workers
         self.best = torch.full((len(pts), k + 1), math.inf, device=pts.x.device)
         self.norm_max = pts.norms.max()
 
@@ -237,95 +274,92 @@ class _RadiusSearch:
                             nu + self.norm_max + 2 * torch.sqrt(nu * self.norm_max))
         return self.arith.margin(nu, self.norm_max, y_abs, self.pts.dim)
 
+    def _merge_dense(self, best, d, dim: int, rows):
+        """Merge the k+1 smallest of a fully emulated block d along ``dim`` into best[rows]."""
+        kk = min(self.k + 1, d.shape[dim])
+        vals = torch.topk(d, kk, dim=dim, largest=False).values
+        index = rows.repeat_interleave(kk) if dim == 1 else rows.repeat(kk)
+        _merge_smallest(best, index, vals.reshape(-1))
+
     def rows(self, r0: int, c0: int, g: torch.Tensor, first: bool):
         """Rows r0.. against columns c0.. of the set, g = their GEMM tile."""
-        nv = self.pts.norms[c0 : c0 + g.shape[1]]
         width = g.shape[1]
         group = max(4, min(GROUP, width // 64))  # enough groups for a selective k-th minimum
+        self.workers.run([lambda rs=rs: self._rows_chunk(r0, c0, g[rs], rs.start, group, first)
+                          for rs in _chunks(g.shape[0], self.chunk)])
+
+    def _rows_chunk(self, r0, c0, gc, a, group, first):
+        n, width = gc.shape
+        rows = slice(r0 + a, r0 + a + n)
+        nu, nv = self.pts.norms[rows], self.pts.norms[c0 : c0 + width]
         padded = -(-width // group) * group
-        buf = torch.full((self.chunk, padded), math.inf, device=g.device)
-        for a in range(0, g.shape[0], self.chunk):
-            gc = g[a : a + self.chunk]
-            n = gc.shape[0]
-            rows = slice(r0 + a, r0 + a + n)
-            nu = self.pts.norms[rows]
-            torch.sub(nv, gc, alpha=2, out=buf[:n, :width])  # distance - nu
-            groups = buf[:n].view(n, -1, group).amin(2)
-            bound = self.best[rows].amax(1)  # upper bound of the radius so far
-            if first and groups.shape[1] > self.k:
-                # the k+1 smallest group minima are k+1 distinct entries: their largest,
-                # plus the rounding margin, bounds the k-th neighbour's emulated distance
-                a_kth = nu + torch.topk(groups, self.k + 1, dim=1, largest=False).values[:, -1]
-                # those entries' distances y <= a + margin(|y|), so y <= a + 1.01 margin(|a|)
-                bound = torch.minimum(bound, a_kth + 1.01 * self._margin(nu, a_kth))
-            thr = bound - nu + self._margin(nu, bound)
-            gr, gg = (groups <= thr[:, None]).nonzero(as_tuple=True)
-            if len(gr) > DENSE_FRACTION * groups.numel() or not bool(torch.isfinite(thr).all()):
-                d = self.arith.distance(nu[:, None], nv[None, :], gc)
-                kk = min(self.k + 1, width)
-                vals = torch.topk(d, kk, dim=1, largest=False).values
-                _merge_smallest(self.best[rows], torch.arange(n, device=g.device).repeat_interleave(kk),
-                                vals.reshape(-1))
-                continue
-            sel = buf[:n].view(n, -1, group)[gr, gg] <= thr[gr, None]
-            si, off = sel.nonzero(as_tuple=True)
-            ri, cj = gr[si], gg[si] * group + off
-            d = self.arith.distance(nu[ri], nv[cj], gc[ri, cj])
-            _merge_smallest(self.best[rows], ri, d)
+        buf = self.workers.buffer(n, padded, gc.device)
+        buf[:, width:] = math.inf
+        torch.sub(nv, gc, alpha=2, out=buf[:, :width])  # distance - nu
+        groups = buf.view(n, -1, group).amin(2)
+        bound = self.best[rows].amax(1)  # upper bound of the radius so far
+        if first and groups.shape[1] > self.k:
+            # the k+1 smallest group minima are k+1 distinct entries: their largest, plus the
+            # rounding margin (y <= a + margin(|y|), so y <= a + 1.01 margin(|a|)), bounds the
+            # k-th neighbour's emulated distance
+            a_kth = nu + torch.topk(groups, self.k + 1, dim=1, largest=False).values[:, -1]
+            bound = torch.minimum(bound, a_kth + 1.01 * self._margin(nu, a_kth))
+        thr = bound - nu + self._margin(nu, bound)
+        gr, gg = (groups <= thr[:, None]).nonzero(as_tuple=True)
+        local = torch.arange(n, device=gc.device)
+        if len(gr) > DENSE_FRACTION * groups.numel() or not bool(torch.isfinite(thr).all()):
+            self._merge_dense(self.best[rows], self.arith.distance(nu[:, None], nv[None, :], gc), 1, local)
+            return
+        si, off = (buf.view(n, -1, group)[gr, gg] <= thr[gr, None]).nonzero(as_tuple=True)
+        ri, cj = gr[si], gg[si] * group + off
+        _merge_smallest(self.best[rows], ri, self.arith.distance(nu[ri], nv[cj], gc[ri, cj]))
 
     def columns(self, c0: int, r0: int, g: torch.Tensor):
         """Rows c0.. of the set (the tile's columns) against columns r0.. (the tile's rows),
-        read from the same tile g without transposing it."""
-        nq = g.shape[1]
-        cols = slice(c0, c0 + nq)
+        read from the same tile g without transposing it; one task per band of columns."""
+        band = -(-g.shape[1] // self.workers.n)
+        self.workers.run([lambda cs=cs: self._columns_band(c0, r0, g, cs)
+                          for cs in _chunks(g.shape[1], band)])
+
+    def _columns_band(self, c0, r0, g, cs: slice):
+        cols = slice(c0 + cs.start, c0 + cs.stop)
         nu_q = self.pts.norms[cols]
         bound = self.best[cols].amax(1)
         thr = bound - nu_q + self._margin(nu_q, bound)
-        buf = torch.empty((self.chunk, nq), device=g.device)
-        for a in range(0, g.shape[0], self.chunk):
-            gc = g[a : a + self.chunk]
-            n = gc.shape[0]
-            nv_p = self.pts.norms[r0 + a : r0 + a + n]
-            t = torch.sub(nv_p[:, None], gc, alpha=2, out=buf[:n])  # distance - nu_q
+        for rs in _chunks(g.shape[0], self.chunk):
+            gc = g[rs, cs]
+            nv_p = self.pts.norms[r0 + rs.start : r0 + rs.stop]
+            t = torch.sub(nv_p[:, None], gc, alpha=2, out=self.workers.buffer(*gc.shape, gc.device))
             open_cols = (t.amin(0) <= thr).nonzero(as_tuple=True)[0]
             if len(open_cols) == 0:
                 continue
-            sel = t[:, open_cols] <= thr[open_cols]
-            ri, ci = sel.nonzero(as_tuple=True)
-            if len(ri) > DENSE_FRACTION * n * len(open_cols):
+            ri, ci = (t[:, open_cols] <= thr[open_cols]).nonzero(as_tuple=True)
+            if len(ri) > DENSE_FRACTION * t.shape[0] * len(open_cols):
                 d = self.arith.distance(nu_q[None, open_cols], nv_p[:, None], gc[:, open_cols])
-                kk = min(self.k + 1, n)
-                vals = torch.topk(d, kk, dim=0, largest=False).values  # [kk, open]
-                _merge_smallest(self.best[cols], open_cols.repeat(kk), vals.reshape(-1))
+                self._merge_dense(self.best[cols], d, 0, open_cols)
                 continue
             cj = open_cols[ci]
-            d = self.arith.distance(nu_q[cj], nv_p[ri], gc[ri, cj])
-            _merge_smallest(self.best[cols], cj, d)
+            _merge_smallest(self.best[cols], cj, self.arith.distance(nu_q[cj], nv_p[ri], gc[ri, cj]))
 
     def radii(self) -> torch.Tensor:
         return self.best.amax(1)
 
 
-def _fast_radii(pts: _PointSet, k: int, arith: Arithmetic, spans, chunk: int, bar):
-    search = _RadiusSearch(pts, k, arith, chunk)
-    dev = pts.x.device
-    for a, b in spans:  # diagonal tiles first: every row gets a finite bound from its own tile
-        g = _gemm(pts.x[a:b], pts.x[a:b])
-        with _elementwise(dev):
-            search.rows(a, a, g, first=True)
-        bar.update(1)
-    for (a, b), (c, d) in combinations(spans, 2):
-        g = _gemm(pts.x[a:b], pts.x[c:d])
-        shared = min(b - a, d - c) >= MIN_SHARED_TILE  # u.v of large tiles is bitwise symmetric
-        g_back = None if shared else _gemm(pts.x[c:d], pts.x[a:b])
-        with _elementwise(dev):
+def _fast_radii(pts: _PointSet, k: int, spans, chunk: int, bar):
+    with _Workers(pts.x.device) as workers:
+        search = _RadiusSearch(pts, k, chunk, workers)
+        for a, b in spans:  # diagonal tiles first: every row gets a finite bound from its own tile
+            search.rows(a, a, _gemm(pts.x[a:b], pts.x[a:b]), first=True)
+            bar.update(1)
+        for (a, b), (c, d) in combinations(spans, 2):
+            g = _gemm(pts.x[a:b], pts.x[c:d])
             search.rows(a, c, g, first=False)
-            if shared:
+            if min(b - a, d - c) >= MIN_SHARED_TILE:  # u.v of large tiles is bitwise symmetric
                 search.columns(c, a, g)
             else:
-                search.rows(c, a, g_back, first=False)
-        bar.update(1)
-    return search.radii()
+                search.rows(c, a, _gemm(pts.x[c:d], pts.x[a:b]), first=False)
+            bar.update(1)
+        return search.radii()
 
 
 class _CrossSide:
@@ -357,7 +391,7 @@ class _CrossSide:
         shift = self.shift[rows] if self.balls_on_rows else self.shift
         thr = self.thr if self.balls_on_rows else self.thr[rows]
         radius = self.radius[rows] if self.balls_on_rows else self.radius
-        e = torch.sub(gc, shift, out=buf[: gc.shape[0]])
+        e = torch.sub(gc, shift, out=buf)
         if self.balls_on_rows:  # columns whose best margin reaches their threshold, then pairs
             cols = (e.amax(0) >= thr[0]).nonzero(as_tuple=True)[0]
             ri, ci = (e[:, cols] >= thr[:, cols]).nonzero(as_tuple=True)
@@ -374,44 +408,64 @@ class _CrossSide:
             d = arith.distance(nu_c[ri], nv[cj], gc[ri, cj])
             keep = d <= (radius[ri, 0] if self.balls_on_rows else radius[0, cj])
             ri, cj = ri[keep], cj[keep]
-        if self.balls_on_rows:
+        if self.balls_on_rows:  # concurrent tasks only ever write True here
             self.inside[self.start + cj] = True
         else:
             self.inside[self.start + rows.start + ri] = True
 
 
-def _fast_cross(ref: _PointSet, ref_radii, smp: _PointSet, smp_radii, arith: Arithmetic,
-                ref_spans, smp_spans, chunk: int, bar):
-    dev = ref.x.device
+def _fast_cross(ref: _PointSet, ref_radii, smp: _PointSet, smp_radii, ref_spans, smp_spans,
+                chunk: int, bar):
+    arith, dev = ref.arith, ref.x.device
     precision = _CrossSide(torch.zeros(len(smp), dtype=torch.bool, device=dev), True)
     recall = _CrossSide(torch.zeros(len(ref), dtype=torch.bool, device=dev), False)
-    for a, b in ref_spans:
-        nu, rr = ref.norms[a:b], ref_radii[a:b]
-        for c, d in smp_spans:
-            bar.update(1)
-            nv, sr = smp.norms[c:d], smp_radii[c:d]
-            sides = [side for side, start in ((precision, c), (recall, a))
-                     if side.thresholds(arith, ref.dim, nu, nv, rr, sr, start)]
-            if not sides:
-                continue  # every row and column of this tile is decided already
-            g = _gemm(ref.x[a:b], smp.x[c:d])
-            buf = torch.empty((chunk, d - c), device=dev)
-            with _elementwise(dev):
-                for r in range(0, b - a, chunk):
-                    rows = slice(r, min(r + chunk, b - a))
-                    for side in sides:
-                        side.decide(arith, g[rows], rows, nu, nv, buf)
+
+    def chunk_task(g, rows, sides, nu, nv):
+        buf = workers.buffer(rows.stop - rows.start, g.shape[1], dev)
+        for side in sides:
+            side.decide(arith, g[rows], rows, nu, nv, buf)
+
+    with _Workers(dev) as workers:
+        for a, b in ref_spans:
+            nu, rr = ref.norms[a:b], ref_radii[a:b]
+            for c, d in smp_spans:
+                bar.update(1)
+                nv, sr = smp.norms[c:d], smp_radii[c:d]
+                sides = [side for side, start in ((precision, c), (recall, a))
+                         if side.thresholds(arith, ref.dim, nu, nv, rr, sr, start)]
+                if not sides:
+                    continue  # every row and column of this tile is decided already
+                g = _gemm(ref.x[a:b], smp.x[c:d])
+                workers.run([lambda rs=rs: chunk_task(g, rs, sides, nu, nv)
+                             for rs in _chunks(b - a, chunk)])
     return float(precision.inside.double().mean()), float(recall.inside.double().mean())
-
-
-def _fast_ok(pts: _PointSet, arith: Arithmetic) -> bool:
-    """Finite features (a non-finite one makes its norm non-finite) and no possible overflow."""
-    return bool(torch.isfinite(pts.norms).all()) and arith.safe(float(pts.norms.max()), pts.dim)
 
 
 def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="tile", disable=not progress, leave=False,
                 dynamic_ncols=True)
+
+
+def _radii(pts: _PointSet, k: int, fp16: bool, block: int, tile: int, chunk: int, progress: bool):
+    if len(pts) <= k:
+        raise ValueError(f"the k-NN radius needs more than k={k} points, got {len(pts)}")
+    if not pts.fast_ok():
+        return manifold_radii_reference(pts.raw, k, fp16, None, block, block)
+    spans = _spans(len(pts), block, tile)
+    with _bar(len(spans) * (len(spans) + 1) // 2, "radii", progress) as bar:
+        return _fast_radii(pts, k, spans, chunk, bar)
+
+
+def _cross(ref: _PointSet, rr, smp: _PointSet, sr, fp16: bool, row_batch: int, col_batch: int,
+           tile: int, chunk: int, progress: bool):
+    rr, sr = as_tensor(rr, ref.x.device).float(), as_tensor(sr, ref.x.device).float()
+    if not (ref.fast_ok() and smp.fast_ok() and bool(torch.isfinite(rr).all())
+            and bool(torch.isfinite(sr).all())):
+        return precision_recall_from_radii_reference(ref.raw, rr, smp.raw, sr, fp16, None,
+                                                     row_batch, col_batch)
+    ref_spans, smp_spans = _spans(len(ref), row_batch, tile), _spans(len(smp), col_batch, tile)
+    with _bar(len(ref_spans) * len(smp_spans), "precision/recall", progress) as bar:
+        return _fast_cross(ref, rr, smp, sr, ref_spans, smp_spans, chunk, bar)
 
 
 # ----------------------------------------------------------------- public API
@@ -422,16 +476,8 @@ def manifold_radii(feats, k: int = 3, fp16: bool = True, device=None,
                    tile: int = TILE, chunk: int = CHUNK, progress: bool = False) -> torch.Tensor:
     """Squared distance to the k-th nearest point of the same set (the point itself sits at
     position 0), float32 [N], equal to ``manifold_radii_reference``."""
-    arith = _arith(fp16)
-    f = as_tensor(feats, device, torch.float32)
-    if len(f) <= k:
-        raise ValueError(f"the k-NN radius needs more than k={k} points, got {len(f)}")
-    pts = _PointSet(f, arith)
-    if not _fast_ok(pts, arith):
-        return manifold_radii_reference(f, k, fp16, None, row_batch, col_batch)
-    spans = _spans(len(pts), min(row_batch, col_batch), tile)
-    with _bar(len(spans) * (len(spans) + 1) // 2, "radii", progress) as bar:
-        return _fast_radii(pts, k, arith, spans, chunk, bar)
+    pts = _PointSet(feats, _arith(fp16), device)
+    return _radii(pts, k, fp16, min(row_batch, col_batch), tile, chunk, progress)
 
 
 def precision_recall_from_radii(ref, ref_radii, sample, sample_radii, fp16: bool = True,
@@ -441,25 +487,22 @@ def precision_recall_from_radii(ref, ref_radii, sample, sample_radii, fp16: bool
     """(precision, recall) with ref rows / sample columns (fp16 D is not symmetric) and an
     inclusive ``<=``, equal to ``precision_recall_from_radii_reference``."""
     arith = _arith(fp16)
-    r = as_tensor(ref, device, torch.float32)
-    s = as_tensor(sample, r.device, torch.float32)
-    rr, sr = as_tensor(ref_radii, r.device).float(), as_tensor(sample_radii, r.device).float()
-    ref_pts, smp_pts = _PointSet(r, arith), _PointSet(s, arith)
-    if not (_fast_ok(ref_pts, arith) and _fast_ok(smp_pts, arith)
-            and bool(torch.isfinite(rr).all()) and bool(torch.isfinite(sr).all())):
-        return precision_recall_from_radii_reference(r, rr, s, sr, fp16, None, row_batch, col_batch)
-    ref_spans, smp_spans = _spans(len(r), row_batch, tile), _spans(len(s), col_batch, tile)
-    with _bar(len(ref_spans) * len(smp_spans), "precision/recall", progress) as bar:
-        return _fast_cross(ref_pts, rr, smp_pts, sr, arith, ref_spans, smp_spans, chunk, bar)
+    r = _PointSet(ref, arith, device)
+    s = _PointSet(sample, arith, r.x.device)
+    return _cross(r, ref_radii, s, sample_radii, fp16, row_batch, col_batch, tile, chunk, progress)
 
 
 def precision_recall(ref_acts, sample_acts, k: int = 3, fp16: bool = True, device=None,
-                     progress: bool = False, **tiles):
-    """Improved precision/recall (Kynkäänniemi et al.) exactly as OpenAI's evaluator."""
+                     progress: bool = False, ref_radii=None, row_batch: int = ROW_BATCH,
+                     col_batch: int = COL_BATCH, tile: int = TILE, chunk: int = CHUNK):
+    """Improved precision/recall (Kynkäänniemi et al.) exactly as OpenAI's evaluator.
+    ``ref_radii``: the reference's radii when already known (they are cached with it)."""
     dev = ref_acts.device if isinstance(ref_acts, torch.Tensor) else device
-    ref = as_tensor(ref_acts, dev, torch.float32)
-    sample = as_tensor(sample_acts, ref.device, torch.float32)
-    return precision_recall_from_radii(
-        ref, manifold_radii(ref, k, fp16, progress=progress, **tiles),
-        sample, manifold_radii(sample, k, fp16, progress=progress, **tiles), fp16,
-        progress=progress, **tiles)
+    arith = _arith(fp16)
+    ref = _PointSet(ref_acts, arith, dev)
+    sample = _PointSet(sample_acts, arith, ref.x.device)
+    block = min(row_batch, col_batch)
+    if ref_radii is None:
+        ref_radii = _radii(ref, k, fp16, block, tile, chunk, progress)
+    sample_radii = _radii(sample, k, fp16, block, tile, chunk, progress)
+    return _cross(ref, ref_radii, sample, sample_radii, fp16, row_batch, col_batch, tile, chunk, progress)

@@ -64,6 +64,18 @@ def test_fast_equals_reference_across_tiles_and_chunks(block, tile, chunk):
     _assert_equal(*_both(ref, sample, row_batch=block, col_batch=block, tile=tile, chunk=chunk))
 
 
+def test_parallel_chunk_tasks_equal_reference():
+    """With several threads the chunk passes of a tile run as concurrent tasks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        ref, sample = _data("clusters_and_duplicates", np.random.RandomState(4))
+        _assert_equal(*_both(ref, sample, row_batch=300, col_batch=300, tile=300, chunk=16))
+        _assert_equal(*_both(*_data("quantized", np.random.RandomState(5)), chunk=8))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_golden_cases_fast_equals_reference():
     for case in ("p_pr_basic", "p_pr_small", "p_pr_identical_small"):
         m = meta(golden(case))
@@ -93,7 +105,7 @@ def test_overflowing_norms_take_the_reference_path_with_its_fp32_fallback():
     rng = np.random.RandomState(2)
     big = (rng.rand(120, 2048) * 16).astype(np.float32)  # |x|^2 ~ 175000 > 65504
     _assert_equal(*_both(big[:60], big[60:]))
-    assert not manifold._fast_ok(manifold._PointSet(big, manifold.FP16), manifold.FP16)
+    assert not manifold._PointSet(big, manifold.FP16).fast_ok()
 
 
 def test_non_finite_features_take_the_reference_path():
