@@ -82,13 +82,15 @@ LAYOUTS = {
 PATHS = ("exact", "fp16", "fast")
 GUIDANCES = ("sag", "pag", "seg")
 # PAG's blocks per layout: the published ImageNet-256 ones (16x16, 8x8, 8x8, 8x8) and the
-# same grids in the other layouts; SEG: the middle block (its official "mid" default).
+# same grids in the other layouts; SEG: the middle block (its official "mid" default), on the
+# digits model the PAG blocks (as configs/digits.sh: the middle block alone barely acts there).
 PAG_LAYERS = {
     "128": ("input_blocks.11.1", "input_blocks.13.1", "input_blocks.14.1", "middle_block.1"),
     "256": PAG_DEFAULT_LAYERS,
     "tiny": ("input_blocks.3.1", "input_blocks.5.1", "middle_block.1"),
     "digits": ("input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1", "middle_block.1"),
 }
+SEG_LAYERS = dict({layout: SEG_DEFAULT_LAYERS for layout in LAYOUTS}, digits=PAG_LAYERS["digits"])
 PAG_SCALE = 4.0  # the published PAG scale (paper 3), also SEG's official default
 # Classifier flags for --classifier_guidance: OpenAI's published classifiers (128/256) are
 # classifier_defaults() at the model's image size; the tiny one is as small as the tiny UNet.
@@ -238,7 +240,7 @@ def run_steps(diffusion, model, x, ts, model_kwargs, guidance, cond_fn=None):
 
 def perturbed_guidance(cls, model, layout, name, **overrides):
     """A PAG or SEG guidance (``cls``: exact or fast) on every step, at the published scale."""
-    strategy, layers = (PAG, PAG_LAYERS[layout]) if name == "pag" else (SEG, SEG_DEFAULT_LAYERS)
+    strategy, layers = (PAG, PAG_LAYERS[layout]) if name == "pag" else (SEG, SEG_LAYERS[layout])
     return cls(model, guide_scale=PAG_SCALE, drop_layers=layers, strategy=strategy, **overrides)
 
 
@@ -403,8 +405,8 @@ def table(rows, args, device):
         notes.append(
             f"PAG / SEG: scale {PAG_SCALE:g} on every step, two UNet passes per step. PAG perturbs "
             + "; ".join(f"{lay}: {' '.join(PAG_LAYERS[lay])}" for lay in sorted({r['layout'] for r in rows}))
-            + f" (identity attention, noise_scale 1, the original's random draws kept); SEG sigma inf on "
-            f"{' '.join(SEG_DEFAULT_LAYERS)}.")
+            + " (identity attention, noise_scale 1, the original's random draws kept); SEG sigma inf on "
+            + "; ".join(f"{lay}: {' '.join(SEG_LAYERS[lay])}" for lay in sorted({r['layout'] for r in rows})) + ".")
     fast = [r for r in rows if any(key.endswith("_exact_ops") for key in r)]
     if fast:
         lines += [""] + table_lines("| layout | batch | path | PAG: exact ops / fast ops | SEG: exact ops / fast ops | "

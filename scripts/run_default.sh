@@ -14,7 +14,7 @@ bash scripts/setup_env.sh
 PY=.venv/bin/python
 OUT=${OUT:-runs/default}
 export NPROC=${NPROC:-2} MPIEXEC=${MPIEXEC:-$PWD/.venv/bin/mpiexec}
-# One thread per MPI rank while sampling; the single-process steps (evaluation, pictures) use all cores.
+# One thread per MPI rank while sampling and drawing; the evaluation (one process) uses all cores.
 RANK_THREADS=${OMP_NUM_THREADS:-1}
 NUM_SAMPLES=${NUM_SAMPLES:-48}
 source configs/digits.sh  # MODEL_FLAGS SAG_FLAGS PAG_FLAGS SEG_FLAGS CLASSIFIER_FLAGS SAMPLE_FLAGS MODEL_PATH
@@ -51,10 +51,12 @@ eval_flags=$(echo "$CLASSIFIER_FLAGS" | sed -E 's/--classifier_scale [^ ]+//')
 cat "$OUT/evaluation.txt"
 
 echo "=== pictures"
-# PAG rows without the original's unused random draws: every row then gets the same DDPM noise
-# (with them the draws shift the noise stream and a PAG row shows other digits).
+# The rows are shared out among the ranks (one thread each: a lone process with two threads
+# slows down badly as soon as anything else runs on the machine). PAG rows without the original's
+# unused random draws: every row then gets the same DDPM noise (with them the draws shift the
+# noise stream and a PAG row shows other digits).
 # shellcheck disable=SC2086
-"$PY" scripts/visualize_sag.py $SAG_FLAGS $MODEL_FLAGS $CLASSIFIER_FLAGS --model_path "$MODEL_PATH" \
+OMP_NUM_THREADS=$RANK_THREADS "$MPIEXEC" -n "$NPROC" "$PY" scripts/visualize_sag.py $SAG_FLAGS $MODEL_FLAGS $CLASSIFIER_FLAGS --model_path "$MODEL_PATH" \
     $SAMPLE_FLAGS --fast_attention True --num_images 6 --seed 1 --out_dir "$OUT/pictures" \
     --compare_flags "$PAG_FLAGS --pag_reproduce_rng False" --compare_flags "$SEG_FLAGS"
 echo "done: samples in $OUT/{$(IFS=,; echo "${runs[*]}")}, evaluation in $OUT/evaluation.txt, pictures in $OUT/pictures"

@@ -11,6 +11,7 @@ Writes into ``--out_dir``:
     guidance, each guidance + classifier guidance, the same noise and labels in every row
     (columns = images).
 Small images are enlarged by pixel repetition (``--zoom``; default: tiles of at least 128 px).
+Under ``mpiexec -n N`` the rows are shared out among the ranks (the same pictures).
 
 Takes the flags of ``classifier_sample.py`` (model, classifier, SAG). ``--compare_flags "FLAGS"``
 (repeatable) adds a guidance given by the PAG / SEG flags of ``classifier_sample.py`` as one
@@ -181,14 +182,28 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
 
     steps = chosen_steps(args, diffusion.num_timesteps)
-    rows = [("no guidance", run(args, diffusion, model_fn, None, None, labels, noise))]
-    records = {}
-    for label, prefix, guidance in guidances:
-        records[prefix] = (label, {s: None for s in steps})
-        rows.append((label, run(args, diffusion, model_fn, None, guidance, labels, noise, records[prefix][1])))
-    rows.append(("classifier guidance", run(args, diffusion, model_fn, cond_fn, None, labels, noise)))
-    for label, _, guidance in guidances:
-        rows.append((f"{label} + classifier guidance", run(args, diffusion, model_fn, cond_fn, guidance, labels, noise)))
+    # The picture's rows: (label, cond_fn, guidance, file prefix of its step panels or None).
+    plan = [("no guidance", None, None, None)]
+    plan += [(label, None, guidance, prefix) for label, prefix, guidance in guidances]
+    plan += [("classifier guidance", cond_fn, None, None)]
+    plan += [(f"{label} + classifier guidance", cond_fn, guidance, None) for label, _, guidance in guidances]
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    mine = {}  # under mpiexec each rank samples every world-th row (same rows for any rank count)
+    for i, (_, cond, guidance, prefix) in enumerate(plan):
+        if i % world == rank:
+            record = {s: None for s in steps} if prefix else None
+            mine[i] = (run(args, diffusion, model_fn, cond, guidance, labels, noise, record), record)
+    dist_util.barrier()  # wait without spinning, then collect every rank's rows
+    done = {}
+    for r in range(world):
+        done.update(dist_util.broadcast_object(mine if r == rank else None, root=r))
+    for _, _, guidance in guidances:
+        guidance.close()
+    args.classifier_guidance = wanted_cg
+    if rank != 0:
+        return
+    rows = [(label, done[i][0]) for i, (label, *_) in enumerate(plan)]
+    records = {prefix: (label, done[i][1]) for i, (label, _, _, prefix) in enumerate(plan) if prefix}
     for prefix, (label, record) in records.items():
         for step, panel in record.items():
             if panel is None:
@@ -203,9 +218,6 @@ def main(argv=None):
     grid = make_grid(np.concatenate([r for _, r in rows]), ncols=args.num_images)
     write_png(path, upscale_nearest(grid, args.zoom))
     print(f"wrote {path} (rows: {'; '.join(name for name, _ in rows)}; labels {labels.tolist()})")
-    for _, _, guidance in guidances:
-        guidance.close()
-    args.classifier_guidance = wanted_cg
 
 
 if __name__ == "__main__":

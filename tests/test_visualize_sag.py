@@ -1,11 +1,21 @@
 """The SAG / PAG / SEG visualisation script writes its panels (tiny random models, in process)."""
 
 import importlib.util
+import subprocess
 
 import pytest
 
 from guided_diffusion.image_io import read_png
-from sampling_helpers import REPO, TINY_CLASSIFIER_FLAGS, TINY_MODEL_FLAGS, save_classifier, save_model
+from mpi_launcher import require_mpiexec
+from sampling_helpers import (
+    PYTHON,
+    REPO,
+    TINY_CLASSIFIER_FLAGS,
+    TINY_MODEL_FLAGS,
+    save_classifier,
+    save_model,
+    script_env,
+)
 
 
 def load_script():
@@ -77,3 +87,23 @@ def test_visualize_pag_and_seg_panels_and_rows(tmp_path, capsys):
         script.main([*common, "--compare_flags", pag_flags.replace("input_blocks.5.1", "input_blocks.1.1"),
                      "--out_dir", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_visualize_under_mpiexec_draws_the_same_pictures(tmp_path):
+    """mpiexec -n 2 shares the rows out among the ranks; the PNGs are those of one process."""
+    flags = [*TINY_MODEL_FLAGS, *TINY_CLASSIFIER_FLAGS, "--num_classes", "10"]
+    model = save_model(tmp_path / "model.pt", flags)
+    clf = save_classifier(tmp_path / "clf.pt", flags)
+    common = [*flags, "--model_path", str(model), "--classifier_path", str(clf), "--timestep_respacing", "2",
+              "--steps", "1", "--num_images", "1", "--sel_attn_depth", "1", "--blur_sigma", "3",
+              "--compare_flags", '--guidance_strategies {"seg":[9,0]} --seg_layers middle_block.1']
+    load_script().main([*common, "--out_dir", str(tmp_path / "one")])
+    proc = subprocess.run([require_mpiexec(), "-n", "2", PYTHON, str(REPO / "scripts" / "visualize_sag.py"), *common,
+                           "--out_dir", str(tmp_path / "two")], env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == ["comparison.png", "sag_step_1.png", "seg_step_1.png"]
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
