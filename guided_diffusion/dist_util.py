@@ -92,7 +92,7 @@ class _Single:
 
     rank, size, local_rank = 0, 1, 0
 
-    def bcast(self, obj):
+    def bcast(self, obj, root=0):
         return obj
 
     def barrier(self, tick=None):
@@ -117,8 +117,8 @@ class _Mpi:
         self.local_rank, self.single_node = node.Get_rank(), node.Get_size() == self.size
         node.Free()
 
-    def bcast(self, obj):
-        return self.comm.bcast(obj, root=0)
+    def bcast(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
 
     def barrier(self, tick=None):
         # A non-blocking barrier polled with short sleeps: MPI's blocking barrier busy-waits.
@@ -208,10 +208,10 @@ class _Store:
             raise SystemExit(f"error: stopping rank {self.rank}: lost the rendezvous store "
                              f"({str(exc).strip().splitlines()[0]})") from None
 
-    def bcast(self, obj):
+    def bcast(self, obj, root=0):
         self._seq += 1
         key = f"bcast/{self._seq}"
-        if self.rank == 0:
+        if self.rank == root:
             self.store.set(self._key(key), pickle.dumps(obj))
             self._raise(f"{key}/ready")
             return obj
@@ -388,16 +388,16 @@ def barrier(tick=None):
         group.barrier(tick)
 
 
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank (picklable objects)."""
+def broadcast_object(obj, root=0):
+    """Rank ``root``'s ``obj`` on every rank (picklable objects)."""
     group = _group()
     if group.size == 1:
         return obj
     if not isinstance(group, _Mpi) and dist.is_available() and dist.is_initialized():
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=root)
         return box[0]
-    return group.bcast(obj)
+    return group.bcast(obj, root=root)
 
 
 def abort(reason):
