@@ -12,8 +12,8 @@ Strategies (the PAG code's ``--guidance_strategies`` names, plus ``seg``):
 * ``attention_mask_identity`` (PAG): before the softmax, logits are set to -inf where a uniform
   draw ``th.rand(B*heads, T, T) < noise_scale``, keeping the diagonal. With ``noise_scale 1``
   the attention map is the identity and the block's attention output is exactly v.
-* ``attention_mask``: the same without keeping the diagonal (an ablation; needs
-  ``noise_scale < 1``, else every logit of a row is -inf).
+* ``attention_mask``: the same without keeping the diagonal (an ablation; with ``noise_scale 1``
+  every logit of a row is -inf and the output NaN, as in the original: guidance refuses that).
 * ``seg`` (SEG): the queries, per head, before the attention scale, are blurred over the block's
   square token grid with a Gaussian of ``seg_sigma`` tokens (kernel ``ceil(6 sigma)`` rounded up
   to odd, capped at the grid size + 1 for even grids, reflect padding); ``seg_sigma > 9999``
@@ -155,15 +155,19 @@ def check_square_grid(grid):
 # ---------------------------------------------------------------------------------- the perturbation
 
 
-def check_perturbation(strategy, noise_scale=1.0, seg_sigma=math.inf):
-    """Validate a strategy's settings; returns ``(strategy, noise_scale, seg_sigma)`` as floats."""
+def check_perturbation(strategy, noise_scale=1.0, seg_sigma=math.inf, guiding=True):
+    """Validate a strategy's settings; returns ``(strategy, noise_scale, seg_sigma)`` as floats.
+
+    ``guiding``: also refuse ``attention_mask`` with ``noise_scale 1``, which masks every logit
+    (the original then produces NaN; a raw forward under :func:`perturbed_attention` still may).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown perturbation strategy {strategy!r}; supported: "
                          f"{PAG} (PAG), {MASK}, {SEG} (SEG)")
     noise_scale, seg_sigma = float(noise_scale), float(seg_sigma)
     if not 0.0 <= noise_scale <= 1.0:
         raise ValueError(f"--noise_scale is the masking probability, in [0, 1]; got {noise_scale}")
-    if strategy == MASK and noise_scale >= 1.0:
+    if guiding and strategy == MASK and noise_scale >= 1.0:
         raise ValueError(f"{MASK} with --noise_scale 1 masks every logit (NaN attention); use a "
                          f"noise_scale below 1, or {PAG} to keep the diagonal")
     if not seg_sigma > 0:  # also NaN
@@ -181,7 +185,8 @@ class PerturbedAttention(nn.Module):
                  reproduce_rng=True):
         super().__init__()
         self.n_heads, self.new_order = n_heads, new_order
-        self.strategy, self.noise_scale, self.seg_sigma = check_perturbation(strategy, noise_scale, seg_sigma)
+        self.strategy, self.noise_scale, self.seg_sigma = check_perturbation(
+            strategy, noise_scale, seg_sigma, guiding=False)
         self.reproduce_rng = reproduce_rng
         self.grid = None  # the block's spatial shape, recorded by record_grid (SEG)
 
@@ -229,7 +234,7 @@ def perturbed_attention(model, drop_layers, strategy=PAG, noise_scale=1.0, seg_s
 
     The original ops (and any hooks on them, e.g. a SAG probe) are back on exit.
     """
-    check_perturbation(strategy, noise_scale, seg_sigma)
+    check_perturbation(strategy, noise_scale, seg_sigma, guiding=False)
     layers = resolve_layers(model, drop_layers)
     swapped = []
     try:

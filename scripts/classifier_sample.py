@@ -1,9 +1,10 @@
-"""Generate samples with Self-Attention Guidance and (optionally) classifier guidance.
+"""Generate samples with SAG, PAG or SEG and (optionally) classifier guidance.
 
-Flags are those of the original SAG/guided-diffusion ``classifier_sample.py`` (plus --output_dir,
---seed, --save_grid, --progress, --step_progress, --sag_heads); see ``--help``.  As in the
-original, the classifier is always loaded (--classifier_path is required) but only used with
-``--classifier_guidance True``, and class labels are always drawn and saved.  The logic lives in
+Flags are those of the original SAG/guided-diffusion ``classifier_sample.py`` and of the PAG
+repository's (--guidance_strategies, --drop_layers, ...; see ``guided_diffusion/pag_flags.py``),
+plus --output_dir, --seed, --save_grid, --progress, --step_progress, --sag_heads; see ``--help``.
+The classifier is loaded (--classifier_path) only with ``--classifier_guidance True``; class
+labels are always drawn and saved, as in both originals.  The logic lives in
 ``guided_diffusion/sampling.py``.
 """
 

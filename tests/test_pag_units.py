@@ -330,6 +330,14 @@ def test_seg_blur_is_a_reflect_padded_gaussian_and_the_mean_beyond_9999():
         seg_blur_queries(q, (4, 16), 1.0)
 
 
+def test_mask_without_diagonal_at_noise_scale_one_is_nan_as_the_original():
+    """A raw forward reproduces it; guiding with it is refused (see test_invalid_settings)."""
+    model, _ = tiny()
+    x, t = inputs()
+    with th.no_grad(), perturbed_attention(model, ["middle_block.1"], strategy=MASK, noise_scale=1.0):
+        assert th.isnan(model(x, t, Y)).all()
+
+
 def test_seg_refuses_a_non_square_grid():
     model, _ = tiny()
     with th.no_grad(), perturbed_attention(model, ["middle_block.1"], strategy=SEG):
@@ -403,3 +411,22 @@ def test_guidance_kwargs_routes_and_refuses_mixing():
     assert th.equal(a, b)
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize("strategy", [PAG, SEG])
+def test_fp16_torso_perturbation_matches_fp32_roughly(strategy):
+    """--use_fp16 models: the mask fills fp16 logits, SEG blurs fp16 queries with an fp16 kernel."""
+    import copy
+
+    model, _ = tiny()
+    half = copy.deepcopy(model)
+    half.convert_to_fp16()
+    x, t = inputs(5)
+    settings = dict(strategy=strategy, seg_sigma=2.0) if strategy == SEG else dict(strategy=strategy)
+    outs = []
+    for net in (model, half):
+        th.manual_seed(3)
+        with th.no_grad(), perturbed_attention(net, LAYERS, **settings):
+            outs.append(net(x, t, Y))
+    assert outs[1].dtype == th.float32 and th.isfinite(outs[1]).all()
+    assert (outs[0] - outs[1]).abs().max() < 0.05 * outs[0].abs().max()
