@@ -112,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--guidances", default=",".join(GUIDANCES), help="comma list of sag, pag, seg")
     p.add_argument("--steps", type=int, default=20, help="timed sampler steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (plain and SAG) first")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="the timed steps of all runs are interleaved in this many rounds (load changes "
+                   "on a shared machine then affect every run alike)")
     p.add_argument("--device", default="auto", help="auto, cuda, cpu")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s for MFU (bf16: H100 SXM / H200 ~989)")
@@ -135,6 +138,8 @@ def parse_args(argv=None):
         args.layouts, args.batch_sizes, args.steps, args.warmup = "tiny", "2", 2, 1
         args.device = "cpu" if args.device == "auto" else args.device
         args.threads = args.threads or 1
+    if args.steps < 1 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1")
     unknown = [g for g in args.guidances.split(",") if g not in GUIDANCES]
     if unknown or not args.guidances:
         p.error(f"--guidances {args.guidances}: a comma list of {', '.join(GUIDANCES)}")
@@ -288,24 +293,33 @@ def measure(layout, batch, path, args, device):
         else:
             runs.append(("sag_cg", unet, labels, sag, cond_fn))
     result = {}
+    rounds = [timed[k::args.rounds] for k in range(min(args.rounds, len(timed)))]
     with th.no_grad():
-        for name, net, net_kwargs, make_guidance, cond in runs:
-            g = make_guidance() if make_guidance else None
+        # Every run's guidance lives through all rounds; each round times a share of every run's
+        # steps in turn, so a change of machine load falls on all runs alike.
+        built = [(name, net, net_kwargs, make_guidance() if make_guidance else None, cond)
+                 for name, net, net_kwargs, make_guidance, cond in runs]
+        for name, net, net_kwargs, g, cond in built:
             pair_overlap(g, cond)
             run_steps(diffusion, net, x, warm, net_kwargs, g, cond)
-            if device.type == "cuda":
-                th.cuda.synchronize()
-                th.cuda.reset_peak_memory_stats()
-            with Timer(device) as timer:
-                run_steps(diffusion, net, x, timed, net_kwargs, g, cond)
-            result[name] = timer.seconds / args.steps
-            if device.type == "cuda":
-                result[name + "_mem"] = th.cuda.max_memory_allocated() / 2 ** 30
+            result[name] = 0.0
+        for steps in rounds:
+            for name, net, net_kwargs, g, cond in built:
+                if device.type == "cuda":
+                    th.cuda.synchronize()
+                    th.cuda.reset_peak_memory_stats()
+                with Timer(device) as timer:
+                    run_steps(diffusion, net, x, steps, net_kwargs, g, cond)
+                result[name] += timer.seconds / args.steps
+                if device.type == "cuda":
+                    peak = th.cuda.max_memory_allocated() / 2 ** 30
+                    result[name + "_mem"] = max(peak, result.get(name + "_mem", 0.0))
+        for _, _, _, g, _ in built:
             if g is not None:
                 g.close()
         if "pag" in guidances and path == "fast":
             result.update(pass_pair_seconds(model, layout, x, timed[0][1], model_kwargs, args, device))
-    model = runs = None  # free the GPU memory before the next configuration
+    model = runs = built = None  # free the GPU memory before the next configuration
     gc.collect()
     if device.type == "cuda":
         th.cuda.empty_cache()
@@ -345,7 +359,7 @@ def pass_pair_seconds(model, layout, x, t, model_kwargs, args, device):
     for _ in range(args.warmup):
         two_passes()
         one_batch()
-    for _ in range(args.steps):
+    for _ in range(args.steps):  # alternating, step by step
         for name, run in (("pag_two_passes", two_passes), ("pag_one_batch", one_batch)):
             with Timer(device) as timer:
                 run()
@@ -359,8 +373,9 @@ def table(rows, args, device):
     exact = {(r["layout"], r["batch"]): r for r in rows if r["path"] == "exact"}
     lines = []
     notes = [
-        f"Machine: {describe_machine(device)}. {args.steps} timed DDIM steps after {args.warmup} warm-up steps; "
-        "img/s = images per second per sampler step (divide by the step count for whole samples).",
+        f"Machine: {describe_machine(device)}. {args.steps} timed DDIM steps after {args.warmup} warm-up steps, "
+        f"the runs of a configuration interleaved in {min(args.rounds, args.steps)} rounds; img/s = images per "
+        "second per sampler step (divide by the step count for whole samples).",
     ]
     if any("sag" in r for r in rows):
         lines += table_lines("| layout | batch | path | plain ms/step | plain img/s | SAG ms/step | SAG img/s | "
