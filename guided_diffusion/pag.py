@@ -147,6 +147,7 @@ def seg_blur_queries(q, grid, sigma, kernel=None):
 
 
 def check_square_grid(grid):
+    """A ValueError unless ``grid`` is a square (H, W) token grid (the official code's isqrt rule)."""
     if grid is None or len(grid) != 2 or grid[0] != grid[1]:
         raise ValueError(f"SEG blurs the queries over a square 2-D token grid, got "
                          f"{None if grid is None else tuple(grid)}")

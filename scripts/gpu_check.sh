@@ -13,6 +13,8 @@
 #             (the GPU test of tests/test_fast_path_agreement.py, with its table kept)
 #   overlap   the classifier gradient on a side CUDA stream gives the same samples (GPU tests)
 #   exact256  benchmark, 256 layout, batch 16, exact fp32
+#   pag256    benchmark, 256 layout, batch 5 (the published PAG runs) and 16, PAG and SEG:
+#             orig-style fp16 vs fast path, and whether one pass of 2B beats two passes of B
 #   cg128     benchmark, 128 layout, batch 16, SAG + classifier guidance (overlap gain)
 #   agree256  agreement figures on the 256 layout (random weights)
 #   graphs256 benchmark, 256 layout, batch 16, fast path with CUDA graphs
@@ -62,7 +64,7 @@ stage() {
     return "$status"
 }
 
-BENCH=("$PYTHON" scripts/benchmark_sampling.py --out "$DOC")
+BENCH=("$PYTHON" scripts/benchmark_sampling.py --out "$DOC" --guidances sag)  # pag256: PAG / SEG
 # MODEL_FLAGS and SAG_FLAGS of the bundled default (configs/digits.sh)
 DIGITS_FLAGS=$(source configs/digits.sh && echo "$MODEL_FLAGS $SAG_FLAGS")
 
@@ -92,6 +94,9 @@ run_stage() {
     exact256)
         stage "exact256: benchmark 256 b16, exact fp32" 80 150 \
             "${BENCH[@]}" --layouts 256 --batch_sizes 16 --paths exact ;;
+    pag256)
+        stage "pag256: benchmark 256 b5 and b16, PAG and SEG, orig-style fp16 and fast" 100 240 \
+            "${BENCH[@]}" --layouts 256 --batch_sizes 5,16 --paths fp16,fast --guidances pag,seg ;;
     cg128)
         stage "cg128: benchmark 128 b16, SAG + classifier guidance (overlap gain)" 90 200 \
             "${BENCH[@]}" --layouts 128 --batch_sizes 16 --paths fp16,fast --classifier_guidance True ;;
@@ -117,7 +122,7 @@ run_stage() {
     esac
 }
 
-ALL_STAGES=(b256 agree overlap exact256 cg128 agree256 graphs256 b64 exact128)
+ALL_STAGES=(b256 agree overlap exact256 pag256 cg128 agree256 graphs256 b64 exact128)
 failed=0
 for name in "${@:-${ALL_STAGES[@]}}"; do
     run_stage "$name"
