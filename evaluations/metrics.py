@@ -6,6 +6,7 @@ in ``frechet.py``, precision/recall in ``manifold.py``; this module is the publi
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import linalg
@@ -25,9 +26,13 @@ from .manifold import (  # noqa: F401
 
 
 def compute_statistics(acts, device=None):
-    """(mu, sigma) as the original: mean in the activations' dtype (float32), unbiased
-    covariance in float64 (np.cov semantics). Returned as numpy arrays."""
+    """(mu, sigma) as the original: ``np.mean(acts, axis=0)`` in the activations' dtype
+    (float32) and ``np.cov(acts, rowvar=False)`` (unbiased, float64). On the CPU these are
+    those very numpy calls; on a GPU the same formulas in torch. Returned as numpy arrays."""
     a = as_tensor(acts, device)
+    if a.device.type == "cpu":
+        x = a.numpy()
+        return np.mean(x, axis=0), np.cov(x, rowvar=False)
     mu = a.mean(0)
     x = a.double()
     x = x - x.mean(0, keepdim=True)
