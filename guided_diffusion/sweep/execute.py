@@ -20,6 +20,7 @@ import zipfile
 
 import numpy as np
 
+from .. import durable, run_dir
 from .plan import REPO, PlanError
 
 SAMPLE_SCRIPT = os.path.join(REPO, "scripts", "{kind}_sample.py")
@@ -44,11 +45,7 @@ def read_json(path, default):
 
 
 def write_json(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    durable.write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------- finished or not
@@ -56,8 +53,7 @@ def write_json(path, data):
 
 def samples_path(point):
     """Where the sampling script puts a finished run's samples."""
-    a = point.args
-    return os.path.join(point.dir, f"samples_{a.num_samples}x{a.image_size}x{a.image_size}x3.npz")
+    return os.path.join(point.dir, run_dir.npz_name(point.args.num_samples, point.args.image_size))
 
 
 def finished_samples(point):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+from .. import durable
 from .derived import DERIVED, derive
 from .plan import format_value
 
@@ -79,21 +80,14 @@ def markdown_table(rows, metrics, swept, caption):
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_reports(out, rows, metrics, swept, meta, points_json):
     """sweep.csv, sweep.json and sweep.md in ``out``; returns their paths."""
     paths = [os.path.join(out, name) for name in ("sweep.csv", "sweep.json", "sweep.md")]
-    write_atomic(paths[0], csv_text(rows))
+    durable.write_text(paths[0], csv_text(rows))
     doc = dict(meta, swept=list(swept), metrics=metrics, points=points_json)
-    write_atomic(paths[1], json.dumps(doc, indent=2, default=str) + "\n")
+    durable.write_text(paths[1], json.dumps(doc, indent=2, default=str) + "\n")
     caption = (f"Sweep of {meta['script']} ({meta['model']}), {meta['num_samples']} samples per point, "
                f"evaluated against `{meta['reference']}` ({meta['features']} features)."
                + (f" Baseline: {', '.join(meta['baseline_flags'])}." if meta.get("baseline") else ""))
-    write_atomic(paths[2], markdown_table(rows, metrics, swept, caption))
+    durable.write_text(paths[2], markdown_table(rows, metrics, swept, caption))
     return paths
